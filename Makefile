@@ -1,0 +1,15 @@
+# The two commands of the README. Each does its own setup (venv, llama.cpp build, install).
+.PHONY: install serve test lint bench
+
+install:
+	@bash scripts/install.sh
+
+serve: install
+	.venv/bin/multiserve serve
+
+test: install
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/python -m pytest
+
+bench: install
+	.venv/bin/python benchmarks/serving_core.py

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Creates the virtualenv, builds llama.cpp (through llama-cpp-python) for this CPU, and installs
+# multiserve into it. Safe to run again: finished steps are skipped.
+#
+# Why a build of our own: the default native llama.cpp build was seen to segfault in llama_decode on
+# AVX-512/AMX Xeons, and pip reuses a cached source build whatever CMAKE_ARGS say. So the flags are
+# chosen per architecture here and the wheel is cached under a key made from those flags.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+VENV=${MULTISERVE_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+LLAMA_VERSION=0.3.36
+EXTRAS=${MULTISERVE_EXTRAS:-test}
+
+cmake_args_for_this_cpu() {
+  if [ -n "${MULTISERVE_CMAKE_ARGS:-}" ]; then
+    echo "$MULTISERVE_CMAKE_ARGS"
+    return
+  fi
+  case "$(uname -m)" in
+    x86_64|amd64)
+      # Portable AVX2 build: runs on every x86-64 server of the last decade and avoids the
+      # AVX-512 code paths that crashed on Gemma 3.
+      if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+        echo "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"
+      else
+        echo "-DGGML_NATIVE=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF"
+      fi ;;
+    aarch64|arm64)
+      # Native build keeps NEON, dot-product, i8mm and SVE kernels of this Neoverse core;
+      # KleidiAI adds Arm's optimised micro-kernels for quantised matmuls.
+      echo "-DGGML_NATIVE=ON -DGGML_CPU_KLEIDIAI=ON" ;;
+    *)
+      echo "-DGGML_NATIVE=ON" ;;
+  esac
+}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+CMAKE_ARGS=$(cmake_args_for_this_cpu)
+PYVER=$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+KEY=$(printf '%s|%s|%s|%s' "$LLAMA_VERSION" "$CMAKE_ARGS" "$(uname -m)" "$PYVER" | sha256sum | cut -c1-16)
+WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/multiserve/wheels/$KEY"
+STAMP="$VENV/.multiserve-install"
+WANT="$KEY $(sha256sum pyproject.toml | cut -c1-16) $EXTRAS"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  exit 0
+fi
+
+if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  echo "Building llama.cpp for $(uname -m) with: $CMAKE_ARGS (a few minutes, once)"
+  mkdir -p "$WHEELS"
+  CMAKE_ARGS="$CMAKE_ARGS" "${PIP[@]}" wheel --no-cache-dir --no-deps \
+    "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS.tmp"
+  mv "$WHEELS.tmp"/llama_cpp_python-*.whl "$WHEELS"/ && rm -rf "$WHEELS.tmp"
+fi
+"${PIP[@]}" install --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+"${PIP[@]}" install -e ".[$EXTRAS]"
+echo "$WANT" > "$STAMP"

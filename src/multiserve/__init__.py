@@ -1,0 +1,3 @@
+"""multiserve: several GGUF models behind one OpenAI-compatible endpoint, batched on llama.cpp."""
+
+__version__ = "0.1.0"

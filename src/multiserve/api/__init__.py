@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI-compatible routes, schemas, errors, streaming and metrics."""

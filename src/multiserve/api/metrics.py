@@ -1,0 +1,190 @@
+"""Request metrics: Prometheus series with vLLM-style names, and the JSON behind `/stats`.
+
+Latencies are observed in the API process, where the client's view of time is: from request
+arrival to first token (TTFT), between token deliveries (ITL) and to the end (E2E).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from multiserve.fleet.manager import Fleet
+
+WINDOW = 1024  # latest requests /stats summarises
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
+
+
+@dataclass
+class ModelStats:
+    requests: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    itl: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW * 16))
+    e2e: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+
+def _summary(values: deque[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"count": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 6)
+
+    return {
+        "count": len(ordered),
+        "mean": round(statistics.fmean(ordered), 6),
+        "p50": pick(0.5),
+        "p95": pick(0.95),
+        "p99": pick(0.99),
+        "max": round(ordered[-1], 6),
+    }
+
+
+class Metrics:
+    """All request metrics of one server."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.registry = CollectorRegistry()
+        reg, label = self.registry, ["model_name"]
+        self.ttft = Histogram(
+            "multiserve:time_to_first_token_seconds",
+            "Time from request arrival to its first token.",
+            label,
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.itl = Histogram(
+            "multiserve:inter_token_latency_seconds",
+            "Time between two deliveries of tokens of one request.",
+            label,
+            buckets=_TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.e2e = Histogram(
+            "multiserve:e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            label,
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.prompt_tokens = Counter(
+            "multiserve:prompt_tokens", "Prompt tokens processed.", label, registry=reg
+        )
+        self.generation_tokens = Counter(
+            "multiserve:generation_tokens", "Tokens generated.", label, registry=reg
+        )
+        self.finished = Counter(
+            "multiserve:request_success",
+            "Requests finished, by reason.",
+            [*label, "finished_reason"],
+            registry=reg,
+        )
+        self.failed = Counter(
+            "multiserve:request_failure",
+            "Requests that ended in an error.",
+            [*label, "kind"],
+            registry=reg,
+        )
+        self.running = Gauge(
+            "multiserve:num_requests_running",
+            "Requests holding sequence slots.",
+            label,
+            registry=reg,
+        )
+        self.waiting = Gauge(
+            "multiserve:num_requests_waiting",
+            "Requests queued for a sequence slot.",
+            label,
+            registry=reg,
+        )
+        self.stats: dict[str, ModelStats] = {model_id: ModelStats() for model_id in fleet.entries}
+
+    def track(self, model_id: str) -> RequestTracker:
+        self.stats[model_id].requests += 1
+        return RequestTracker(self, model_id)
+
+    def _refresh_gauges(self) -> None:
+        for model_id, entry in self.fleet.entries.items():
+            client = entry.client
+            self.running.labels(model_id).set(client.running if client else 0)
+            self.waiting.labels(model_id).set(client.waiting if client else 0)
+
+    def prometheus(self) -> bytes:
+        self._refresh_gauges()
+        return generate_latest(self.registry)
+
+    def snapshot(self) -> dict:
+        """JSON for `/stats`: per model requests, tokens, queue and latency summaries."""
+        models = {}
+        for model_id, entry in self.fleet.entries.items():
+            stats, client = self.stats[model_id], entry.client
+            models[model_id] = {
+                "state": entry.state.value,
+                "error": entry.error,
+                "worker_pid": client.pid if client else None,
+                "requests": {
+                    "total": stats.requests,
+                    "succeeded": stats.succeeded,
+                    "failed": stats.failed,
+                    "running": client.running if client else 0,
+                    "waiting": client.waiting if client else 0,
+                    "in_flight": client.in_flight if client else 0,
+                },
+                "tokens": {"prompt": stats.prompt_tokens, "generated": stats.generation_tokens},
+                "latency_seconds": {
+                    "time_to_first_token": _summary(stats.ttft),
+                    "inter_token": _summary(stats.itl),
+                    "end_to_end": _summary(stats.e2e),
+                },
+            }
+        return {"models": models}
+
+
+class RequestTracker:
+    """Times one request from arrival; every method is cheap (called once per token delivery)."""
+
+    def __init__(self, metrics: Metrics, model_id: str) -> None:
+        self._metrics = metrics
+        self._model = model_id
+        self._stats = metrics.stats[model_id]
+        self.started = time.perf_counter()
+        self._last: float | None = None
+
+    def delivered(self) -> None:
+        """Tokens reached the client's response now."""
+        now = time.perf_counter()
+        if self._last is None:
+            self._stats.ttft.append(now - self.started)
+            self._metrics.ttft.labels(self._model).observe(now - self.started)
+        else:
+            self._stats.itl.append(now - self._last)
+            self._metrics.itl.labels(self._model).observe(now - self._last)
+        self._last = now
+
+    def finished(self, prompt_tokens: int, completion_tokens: int, reasons: list[str]) -> None:
+        elapsed = time.perf_counter() - self.started
+        metrics, stats = self._metrics, self._stats
+        stats.succeeded += 1
+        stats.prompt_tokens += prompt_tokens
+        stats.generation_tokens += completion_tokens
+        stats.e2e.append(elapsed)
+        metrics.e2e.labels(self._model).observe(elapsed)
+        metrics.prompt_tokens.labels(self._model).inc(prompt_tokens)
+        metrics.generation_tokens.labels(self._model).inc(completion_tokens)
+        for reason in reasons:
+            metrics.finished.labels(self._model, reason).inc()
+
+    def failed(self, kind: str) -> None:
+        self._stats.failed += 1
+        self._metrics.failed.labels(self._model, kind).inc()

@@ -1,0 +1,1 @@
+"""Model execution: one worker process per model, continuous batching over llama.cpp."""

@@ -1,0 +1,200 @@
+"""API-process side of a worker: spawn it, send requests, route its step outputs to requests.
+
+A reader thread turns the worker's messages into per-request asyncio queues; a writer thread
+sends, so a large prompt never blocks the event loop on a full pipe. The worker's exit (clean or a
+crash) is noticed by the reader at once and every request still waiting on it gets an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import multiprocessing as mp
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from multiserve.engine.protocol import (
+    Cancel,
+    ChoiceDelta,
+    Event,
+    Generate,
+    LoadFailed,
+    ModelInfo,
+    Rejected,
+    Shutdown,
+    StepOutput,
+    WorkerConfig,
+    WorkerReady,
+)
+from multiserve.engine.worker import run_worker
+
+STOP_GRACE_SECONDS = 5.0
+
+
+class WorkerLoadError(RuntimeError):
+    """The worker could not load its model; the message is safe to show a client."""
+
+
+class WorkerGone(RuntimeError):
+    """The worker exited while a request was in flight."""
+
+
+@dataclass(frozen=True)
+class _Exited:
+    exitcode: int | None
+
+
+class RequestStream:
+    """Events of one request, in order; `close` cancels it in the worker if it is not done."""
+
+    def __init__(self, client: EngineClient, request: Generate) -> None:
+        self._client = client
+        self.request = request
+        self.queue: asyncio.Queue[Event | _Exited] = asyncio.Queue()
+        self._open_choices = request.n
+        self.done = False
+
+    async def next(self) -> Event:
+        """The next event; raises WorkerGone if the worker died first."""
+        event = await self.queue.get()
+        if isinstance(event, _Exited):
+            self.done = True
+            raise WorkerGone(f"model worker exited unexpectedly (exit code {event.exitcode})")
+        if isinstance(event, Rejected):
+            self.done = True
+        elif isinstance(event, ChoiceDelta) and event.finish_reason is not None:
+            self._open_choices -= 1
+            self.done = self._open_choices == 0
+        return event
+
+    def close(self) -> None:
+        self._client._forget(self.request.request_id, cancel=not self.done)
+        self.done = True
+
+
+class EngineClient:
+    """Handle on one worker process for one model."""
+
+    _ids = itertools.count()
+
+    def __init__(self, config: WorkerConfig, on_exit: Callable[[EngineClient], None]) -> None:
+        self.config = config
+        self.info: ModelInfo | None = None
+        self.pid: int | None = None
+        self.running = 0
+        self.waiting = 0
+        self.alive = False
+        self._on_exit = on_exit
+        self._streams: dict[str, RequestStream] = {}
+        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._process: mp.process.BaseProcess | None = None
+        self._conn = None
+
+    async def start(self) -> ModelInfo:
+        """Spawn the worker and wait for its model to load."""
+        self._loop = asyncio.get_running_loop()
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._process = ctx.Process(
+            target=run_worker,
+            args=(child, self.config),
+            name=f"multiserve-worker-{self.config.model_id}",
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+        reply = await self._loop.run_in_executor(None, self._first_reply)
+        if isinstance(reply, WorkerReady):
+            self.info, self.pid, self.alive = reply.info, reply.pid, True
+            threading.Thread(target=self._read_loop, daemon=True).start()
+            threading.Thread(target=self._write_loop, daemon=True).start()
+            return reply.info
+        await self._loop.run_in_executor(None, self._process.join, STOP_GRACE_SECONDS)
+        if isinstance(reply, LoadFailed):
+            raise WorkerLoadError(reply.message)
+        raise WorkerLoadError(
+            f"model worker exited while loading (exit code {self._process.exitcode})"
+        )
+
+    def open(self, request: Generate) -> RequestStream:
+        """Send a request; read its events from the returned stream, and always `close` it."""
+        if not self.alive:
+            raise WorkerGone("model worker is not running")
+        stream = RequestStream(self, request)
+        self._streams[request.request_id] = stream
+        self._outbox.put(request)
+        return stream
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def stop(self) -> None:
+        """Ask the worker to exit; kill it if it does not within the grace period."""
+        process = self._process
+        if process is None:
+            return
+        self._outbox.put(Shutdown())
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, process.join, STOP_GRACE_SECONDS)
+        if process.is_alive():
+            process.kill()
+            await loop.run_in_executor(None, process.join, STOP_GRACE_SECONDS)
+        self._outbox.put(None)
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+
+    # -- threads -----------------------------------------------------------------------------
+
+    def _first_reply(self) -> WorkerReady | LoadFailed | None:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            return None
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                self._loop.call_soon_threadsafe(self._dispatch, message)
+        except (EOFError, OSError):
+            pass
+        self._process.join()
+        self._loop.call_soon_threadsafe(self._exited, self._process.exitcode)
+
+    def _write_loop(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):
+                return
+
+    # -- event loop side ---------------------------------------------------------------------
+
+    def _dispatch(self, message: StepOutput) -> None:
+        self.running, self.waiting = message.running, message.waiting
+        for event in message.events:
+            stream = self._streams.get(event.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(event)
+
+    def _exited(self, exitcode: int | None) -> None:
+        self.alive = False
+        self.running = self.waiting = 0
+        for stream in self._streams.values():
+            stream.queue.put_nowait(_Exited(exitcode))
+        self._streams.clear()
+        self._outbox.put(None)
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        self._on_exit(self)
+
+    def _forget(self, request_id: str, cancel: bool) -> None:
+        if self._streams.pop(request_id, None) is not None and cancel and self.alive:
+            self._outbox.put(Cancel(request_id))

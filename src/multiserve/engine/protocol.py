@@ -1,0 +1,149 @@
+"""Messages between the API process and a model worker (pickled over a multiprocessing pipe).
+
+The API process sends `Generate`, `Cancel` and `Shutdown`; the worker answers once with
+`WorkerReady` or `LoadFailed`, then with one `StepOutput` per batched decode step carrying every
+request's events from that step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker needs to load its model; built from a ModelSpec by the API process."""
+
+    model_id: str
+    path: Path
+    n_ctx_per_seq: int
+    n_seq_max: int
+    step_tokens: int
+    threads: int
+    kv_cache_type: str = "f16"
+    flash_attn: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-choice sampling; each choice gets its own llama.cpp sampler chain from these."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    json_schema: str | None = None  # JSON text of a schema; "" means any JSON object
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: sampled token plus k alternatives
+
+
+@dataclass(frozen=True)
+class Generate:
+    request_id: str
+    prompt: str | tuple[int, ...]
+    n: int
+    params: SamplingParams
+    add_bos: bool = True  # False when a chat template already wrote the BOS token
+    parse_special: bool = True  # chat templates spell control tokens as text
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Model facts the API process needs (templates, limits) without loading llama.cpp itself."""
+
+    architecture: str
+    name: str
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    n_vocab: int
+    n_ctx_per_seq: int
+    n_seq_max: int
+    n_ctx_train: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    info: ModelInfo
+    pid: int
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The prompt fit and the request has slots queued for it."""
+
+    request_id: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The worker refused the request before running it (client error, 400)."""
+
+    request_id: str
+    message: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """New text of one choice from one step; `finish_reason` set on its last delta."""
+
+    request_id: str
+    index: int
+    text: str
+    new_tokens: int
+    finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+Event = Accepted | Rejected | ChoiceDelta
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    events: list[Event] = field(default_factory=list)
+    running: int = 0
+    waiting: int = 0

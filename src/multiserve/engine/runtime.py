@@ -1,0 +1,201 @@
+"""The only module that talks to llama.cpp: model, context, batch, tokens, logits, KV memory.
+
+Runs inside a worker process. Every ctypes buffer handed to llama.cpp is owned by an object that
+outlives the call that reads it (a temporary array freed before `llama_decode` segfaults).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from dataclasses import dataclass
+
+import llama_cpp as ll
+import numpy as np
+
+from multiserve.engine.protocol import ModelInfo, WorkerConfig
+
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h; not exported by llama_cpp
+_KV_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
+
+
+class LoadError(RuntimeError):
+    """The model file could not be loaded; the message is safe to show (no paths)."""
+
+
+@ll.llama_log_callback
+def _log_errors_only(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    if level == _GGML_LOG_LEVEL_ERROR:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+@dataclass
+class BatchEntry:
+    token: int
+    pos: int
+    seq: int
+    logits: bool
+
+
+class Batch:
+    """A reusable llama_batch of fixed capacity; owns its C memory until `free`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._batch = ll.llama_batch_init(capacity, 0, 1)
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token; returns its index in the batch (where its logits will be)."""
+        i = self.n_tokens
+        if i >= self.capacity:
+            raise IndexError("batch is full")
+        b = self._batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+        self.n_tokens = i + 1
+        return i
+
+    @property
+    def c_batch(self) -> ll.llama_batch:
+        self._batch.n_tokens = self.n_tokens
+        return self._batch
+
+    def free(self) -> None:
+        ll.llama_batch_free(self._batch)
+
+
+class Runtime:
+    """One loaded model and one context with `n_seq_max` sequences sharing a unified KV cache."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        ll.llama_log_set(_log_errors_only, None)
+        ll.llama_backend_init()
+        self.config = config
+        model_params = ll.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        model = ll.llama_model_load_from_file(str(config.path).encode(), model_params)
+        if not model:
+            raise LoadError("llama.cpp could not load the model file (corrupt or unsupported)")
+        self.model = model
+        self.vocab = ll.llama_model_get_vocab(model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+
+        ctx_params = ll.llama_context_default_params()
+        ctx_params.n_ctx = config.n_ctx_per_seq * config.n_seq_max
+        ctx_params.n_batch = config.step_tokens
+        ctx_params.n_ubatch = config.step_tokens
+        ctx_params.n_seq_max = config.n_seq_max
+        ctx_params.n_threads = config.threads
+        ctx_params.n_threads_batch = config.threads
+        ctx_params.kv_unified = True
+        ctx_params.no_perf = True
+        ctx_params.type_k = _KV_TYPES[config.kv_cache_type]
+        ctx_params.type_v = _KV_TYPES[config.kv_cache_type]
+        ctx_params.flash_attn_type = (
+            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if config.flash_attn
+            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        ctx = ll.llama_init_from_model(model, ctx_params)
+        if not ctx:
+            ll.llama_model_free(model)
+            raise LoadError("llama.cpp could not create a context (out of memory or bad shape)")
+        self.ctx = ctx
+        self.memory = ll.llama_get_memory(ctx)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._piece_cache: dict[int, bytes] = {}
+
+    # -- facts -------------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = ll.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):  # long values such as chat templates
+            buf = ctypes.create_string_buffer(n + 1)
+            ll.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def info(self) -> ModelInfo:
+        template = ll.llama_model_chat_template(self.model, None)
+        return ModelInfo(
+            architecture=self.meta("general.architecture") or "unknown",
+            name=self.meta("general.name") or self.config.model_id,
+            chat_template=template.decode("utf-8", errors="replace") if template else None,
+            bos_token=self.token_text(ll.llama_vocab_bos(self.vocab)),
+            eos_token=self.token_text(ll.llama_vocab_eos(self.vocab)),
+            n_vocab=self.n_vocab,
+            n_ctx_per_seq=self.config.n_ctx_per_seq,
+            n_seq_max=self.config.n_seq_max,
+            n_ctx_train=ll.llama_model_n_ctx_train(self.model),
+            size_bytes=ll.llama_model_size(self.model),
+        )
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._to_piece(token, special=True).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (ll.llama_token * capacity)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_bos, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            capacity = -n
+            tokens = (ll.llama_token * capacity)()
+            n = ll.llama_tokenize(
+                self.vocab, data, len(data), tokens, capacity, add_bos, parse_special
+            )
+        return list(tokens[:n])
+
+    def piece(self, token: int) -> bytes:
+        """Bytes a generated token stands for (control tokens render as nothing)."""
+        cached = self._piece_cache.get(token)
+        if cached is None:
+            cached = self._piece_cache[token] = self._to_piece(token, special=False)
+        return cached
+
+    def _to_piece(self, token: int, special: bool) -> bytes:
+        buf = self._piece_buf
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    # -- compute -----------------------------------------------------------------------------
+
+    def decode(self, batch: Batch) -> int:
+        """Run one forward pass; 0 on success (llama.cpp's return code otherwise)."""
+        return ll.llama_decode(self.ctx, batch.c_batch)
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        """A copy of the logits at one output position of the last decode."""
+        ptr = ll.llama_get_logits_ith(self.ctx, batch_index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def forget(self, seq: int) -> None:
+        """Free a sequence's KV cells at once so the slot and its memory can be reused."""
+        ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def fork(self, src: int, dst: int) -> None:
+        """Share `src`'s cached prompt with `dst` (n > 1 choices prefill the prompt once)."""
+        ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def close(self) -> None:
+        ll.llama_free(self.ctx)
+        ll.llama_model_free(self.model)

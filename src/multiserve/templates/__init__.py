@@ -1,0 +1,1 @@
+"""Chat templates: render chat messages to prompts inside a Jinja2 sandbox."""
