@@ -43,12 +43,36 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_SCHEMA_DEPTH = 32
+
+
+def _check_schema_node(node: Any, depth: int) -> None:
+    """Refuse remote `$ref`s (the grammar converter would fetch them) and absurd nesting."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+            raise ValueError("only local `$ref`s (starting with '#') are allowed")
+        for value in node.values():
+            _check_schema_node(value, depth + 1)
+    elif isinstance(node, list):
+        for value in node:
+            _check_schema_node(value, depth + 1)
+
+
 class JSONSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     name: str = "response"
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
     description: str | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _safe_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_schema_node(value, 0)
+        return value
 
 
 class ResponseFormat(BaseModel):

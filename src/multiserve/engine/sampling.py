@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import llama_cpp as ll
 import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
@@ -28,7 +26,7 @@ def grammar_for(json_schema: str) -> str:
         return JSON_GBNF
     try:
         return json_schema_to_gbnf(json_schema)
-    except (ValueError, KeyError, TypeError, RecursionError, json.JSONDecodeError) as exc:
+    except Exception as exc:
         raise SamplingError(
             f"response_format json_schema cannot be enforced: {exc}", "response_format"
         ) from None

@@ -10,18 +10,24 @@ import ctypes
 import os
 import signal
 import sys
+import traceback
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from multiserve.engine.protocol import (
     Cancel,
     Event,
     Generate,
     LoadFailed,
+    Rejected,
     Shutdown,
     StepOutput,
     WorkerConfig,
     WorkerReady,
 )
+
+if TYPE_CHECKING:
+    from multiserve.engine.scheduler import Scheduler
 
 IDLE_POLL_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
@@ -31,6 +37,15 @@ def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this worker when the API process dies, so no orphan holds memory."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _submit(scheduler: Scheduler, request: Generate) -> Event:
+    """Queue a request; an unexpected error preparing it fails that request, not the worker."""
+    try:
+        return scheduler.submit(request)
+    except Exception:
+        traceback.print_exc()
+        return Rejected(request.request_id, "the request could not be prepared for this model")
 
 
 def run_worker(conn: Connection, config: WorkerConfig) -> None:
@@ -50,6 +65,7 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
     scheduler = Scheduler(runtime)
     conn.send(WorkerReady(runtime.info(), os.getpid()))
 
+    reported = (0, 0)
     try:
         while True:
             if not scheduler.has_work() and not conn.poll(IDLE_POLL_SECONDS):
@@ -60,15 +76,16 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
             while conn.poll():
                 message = conn.recv()
                 if isinstance(message, Generate):
-                    events.append(scheduler.submit(message))
+                    events.append(_submit(scheduler, message))
                 elif isinstance(message, Cancel):
                     scheduler.cancel(message.request_id)
                 elif isinstance(message, Shutdown):
                     return
             if scheduler.has_work():
                 events += scheduler.step()
-            if events:
-                running, waiting = scheduler.counts()
-                conn.send(StepOutput(events, running, waiting))
+            counts = scheduler.counts()
+            if events or counts != reported:  # a cancel changes the counts without any event
+                conn.send(StepOutput(events, *counts))
+                reported = counts
     except (EOFError, BrokenPipeError):
         return  # the API process is gone

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny generated GGUF models and a real multiserve server on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tiny_gguf import write_tiny_model
+
+SERVER_START_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def openai(self) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_server(
+    args: list[str], workdir: Path, ready_path: str = "/health"
+) -> Iterator[RunningServer]:
+    """Start `multiserve serve` as a subprocess on a free loopback port; stop it afterwards."""
+    port = free_port()
+    log = workdir / f"server-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "multiserve", "serve", "--port", str(port), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{server.output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(server.url + ready_path, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{server.output()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_dir: Path) -> Path:
+    return write_tiny_model(model_dir / "tiny.gguf", seed=0, n_ctx_train=8192)
+
+
+TINY_CONFIG = """
+threads = 1
+
+[[models]]
+id = "tiny"
+aliases = ["tiny-alias"]
+path = "tiny.gguf"
+n_ctx = 256
+n_parallel = 16
+step_tokens = 64
+
+[[models]]
+id = "tiny-2slots"
+path = "tiny.gguf"
+n_ctx = 8192
+n_parallel = 2
+step_tokens = 64
+"""
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: Path, model_dir: Path) -> Iterator[RunningServer]:
+    """One server for the read-mostly end-to-end tests, serving two tiny models."""
+    config = model_dir / "multiserve.toml"
+    config.write_text(TINY_CONFIG)
+    with run_server(["--config", str(config)], model_dir) as running:
+        yield running

@@ -1,0 +1,151 @@
+"""Bad requests get OpenAI error bodies with the right status, and the server keeps serving."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+LEAKS = re.compile(r"\.py\b|site-packages|(^|[\s\"'])/(usr|home|root|tmp|work|opt|etc|var)/")
+
+GOOD_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in response.text
+    assert not LEAKS.search(response.text), response.text
+    return body["error"]
+
+
+@pytest.fixture
+def http(server):
+    with server.http() as client:
+        yield client
+        # after every bad request, a good one still succeeds
+        assert client.post("/v1/chat/completions", json=GOOD_CHAT).status_code == 200
+
+
+def test_unknown_model_is_404_and_never_served_by_another(http) -> None:
+    error = _error(http.post("/v1/chat/completions", json={**GOOD_CHAT, "model": "gpt-4"}), 404)
+    assert error["code"] == "model_not_found"
+    assert error["param"] == "model"
+    assert "gpt-4" in error["message"]
+
+
+def test_prompt_plus_max_tokens_beyond_context_gives_both_numbers(http) -> None:
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 1000}
+    error = _error(http.post("/v1/completions", json=body), 400)
+    assert "256" in error["message"]  # the context
+    assert "1000" in error["message"]  # what was asked
+    assert error["param"] == "max_tokens"
+
+
+def test_prompt_alone_beyond_context(http) -> None:
+    body = {"model": "tiny", "prompt": "hello " * 400, "max_tokens": 1}
+    error = _error(http.post("/v1/completions", json=body), 400)
+    assert "256" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{not json", b"[1, 2]", b"42", b"null", b""],
+    ids=["broken", "array", "number", "null", "empty"],
+)
+def test_body_that_is_not_a_json_object_is_400(http, payload: bytes) -> None:
+    response = http.post(
+        "/v1/chat/completions", content=payload, headers={"content-type": "application/json"}
+    )
+    _error(response, 400)
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": 9}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": 1000}, "n"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"stop": ["x"] * 50}, "stop"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ],
+)
+def test_invalid_parameter_is_400_naming_it(http, change: dict, param: str) -> None:
+    error = _error(http.post("/v1/chat/completions", json={**GOOD_CHAT, **change}), 400)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_missing_model_names_it(http) -> None:
+    error = _error(http.post("/v1/chat/completions", json={"messages": GOOD_CHAT["messages"]}), 400)
+    assert error["param"] == "model"
+
+
+@pytest.mark.parametrize("field", ["tools", "tool_choice", "functions", "audio"])
+def test_unsupported_openai_field_is_refused_by_name(http, field: str) -> None:
+    error = _error(http.post("/v1/chat/completions", json={**GOOD_CHAT, field: []}), 400)
+    assert field in error["message"]
+
+
+def test_unknown_field_is_refused(http) -> None:
+    error = _error(http.post("/v1/chat/completions", json={**GOOD_CHAT, "frobnicate": 1}), 400)
+    assert "frobnicate" in error["message"]
+
+
+def test_logit_bias_outside_vocabulary(http) -> None:
+    body = {**GOOD_CHAT, "logit_bias": {"99999999": 5}}
+    error = _error(http.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == "logit_bias"
+
+
+def test_token_prompt_outside_vocabulary(http) -> None:
+    body = {"model": "tiny", "prompt": [1, 10**7], "max_tokens": 1}
+    error = _error(http.post("/v1/completions", json=body), 400)
+    assert error["param"] == "prompt"
+
+
+def test_empty_prompt(http) -> None:
+    _error(http.post("/v1/completions", json={"model": "tiny", "prompt": ""}), 400)
+
+
+def test_unenforceable_schema_is_400(http) -> None:
+    body = {
+        **GOOD_CHAT,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"$ref": "#/definitions/missing"}},
+        },
+    }
+    error = _error(http.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == "response_format"
+
+
+def test_streaming_request_errors_before_streaming(http) -> None:
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 5000, "stream": True}
+    _error(http.post("/v1/completions", json=body), 400)
+
+
+def test_unknown_route_and_method(http) -> None:
+    _error(http.get("/v1/nothing"), 404)
+    _error(http.get("/v1/chat/completions"), 405)
+
+
+def test_remote_schema_ref_is_refused_not_fetched(http) -> None:
+    schema = {"$ref": "https://example.invalid/schema.json"}
+    body = {
+        **GOOD_CHAT,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    }
+    error = _error(http.post("/v1/chat/completions", json=body), 400)
+    assert error["param"].startswith("response_format")
+    assert "$ref" in error["message"]

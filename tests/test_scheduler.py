@@ -1,0 +1,83 @@
+"""The continuous-batching scheduler, driven in-process on a tiny model (no server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from multiserve.engine.protocol import Accepted, ChoiceDelta, Generate, Rejected, SamplingParams
+from multiserve.engine.protocol import WorkerConfig as Config
+from multiserve.engine.runtime import Runtime
+from multiserve.engine.scheduler import Scheduler
+
+STEP_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def scheduler(tiny_model: Path):
+    runtime = Runtime(
+        Config(
+            "tiny", tiny_model, n_ctx_per_seq=1024, n_seq_max=4, step_tokens=STEP_TOKENS, threads=1
+        )
+    )
+    yield Scheduler(runtime)
+    runtime.close()
+
+
+def _generate(request_id: str, prompt: str, max_tokens: int, n: int = 1) -> Generate:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return Generate(request_id, prompt, n, params)
+
+
+def test_long_prompt_is_chunked_and_running_streams_keep_getting_tokens(scheduler) -> None:
+    assert isinstance(scheduler.submit(_generate("short", "hello", 40)), Accepted)
+    while not scheduler.running:  # the short request is decoding
+        scheduler.step()
+    accepted = scheduler.submit(_generate("long", "hello world " * 60, 5))
+    assert isinstance(accepted, Accepted)
+    assert accepted.prompt_tokens > 3 * STEP_TOKENS
+
+    steps_while_prefilling = 0
+    while any(job.request_id == "long" for job in [*scheduler.waiting, *scheduler.prefilling]):
+        events = scheduler.step()
+        assert scheduler.batch.n_tokens <= STEP_TOKENS
+        short = [e for e in events if isinstance(e, ChoiceDelta) and e.request_id == "short"]
+        assert len(short) == 1  # one token for the running stream in every step
+        steps_while_prefilling += 1
+    assert steps_while_prefilling >= 3  # the prompt took several steps, never one giant batch
+    while scheduler.has_work():
+        scheduler.step()
+    assert len(scheduler.free_slots) == 4
+
+
+def test_n_choices_share_the_prompt_and_release_every_slot(scheduler) -> None:
+    scheduler.submit(_generate("multi", "the cat", 6, n=3))
+    deltas: dict[int, int] = {}
+    while scheduler.has_work():
+        for event in scheduler.step():
+            assert isinstance(event, ChoiceDelta)
+            deltas[event.index] = deltas.get(event.index, 0) + event.new_tokens
+    assert deltas == {0: 6, 1: 6, 2: 6}
+    assert len(scheduler.free_slots) == 4
+
+
+def test_requests_wait_for_free_slots_and_cancel_frees_them(scheduler) -> None:
+    for i in range(6):
+        scheduler.submit(_generate(f"r{i}", "hello", 1000))
+    scheduler.step()
+    assert len(scheduler.waiting) == 2  # 4 slots
+    assert scheduler.counts() == (4, 2)
+    for i in range(6):
+        scheduler.cancel(f"r{i}")
+    assert not scheduler.has_work()
+    assert len(scheduler.free_slots) == 4
+
+
+def test_refusals_name_the_problem(scheduler) -> None:
+    too_long = scheduler.submit(_generate("x", "hello", 5000))
+    assert isinstance(too_long, Rejected)
+    assert "1024" in too_long.message and "5000" in too_long.message
+    too_many = scheduler.submit(_generate("y", "hello", 5, n=5))
+    assert isinstance(too_many, Rejected) and too_many.param == "n"
+    assert not scheduler.has_work()
