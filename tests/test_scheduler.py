@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -31,14 +32,16 @@ def _generate(request_id: str, prompt: str, max_tokens: int, n: int = 1) -> Gene
 
 
 def test_long_prompt_is_chunked_and_running_streams_keep_getting_tokens(scheduler) -> None:
-    assert isinstance(scheduler.submit(_generate("short", "hello", 40)), Accepted)
+    assert scheduler.submit(_generate("short", "hello", 40)) is None
     while not scheduler.running:  # the short request is decoding
         scheduler.step()
-    accepted = scheduler.submit(_generate("long", "hello world " * 60, 5))
-    assert isinstance(accepted, Accepted)
-    assert accepted.prompt_tokens > 3 * STEP_TOKENS
+    assert scheduler.submit(_generate("long", "hello world " * 60, 5)) is None
+    first_events = scheduler.step()
+    accepted = [e for e in first_events if isinstance(e, Accepted)]
+    assert [e.request_id for e in accepted] == ["long"]
+    assert accepted[0].prompt_tokens > 3 * STEP_TOKENS
 
-    steps_while_prefilling = 0
+    steps_while_prefilling = 1
     while any(job.request_id == "long" for job in [*scheduler.waiting, *scheduler.prefilling]):
         events = scheduler.step()
         assert scheduler.batch.n_tokens <= STEP_TOKENS
@@ -56,8 +59,8 @@ def test_n_choices_share_the_prompt_and_release_every_slot(scheduler) -> None:
     deltas: dict[int, int] = {}
     while scheduler.has_work():
         for event in scheduler.step():
-            assert isinstance(event, ChoiceDelta)
-            deltas[event.index] = deltas.get(event.index, 0) + event.new_tokens
+            if isinstance(event, ChoiceDelta):
+                deltas[event.index] = deltas.get(event.index, 0) + event.new_tokens
     assert deltas == {0: 6, 1: 6, 2: 6}
     assert len(scheduler.free_slots) == 4
 
@@ -72,6 +75,21 @@ def test_requests_wait_for_free_slots_and_cancel_frees_them(scheduler) -> None:
         scheduler.cancel(f"r{i}")
     assert not scheduler.has_work()
     assert len(scheduler.free_slots) == 4
+
+
+def test_queue_deadline_refuses_without_running(scheduler) -> None:
+    for i in range(4):
+        scheduler.submit(_generate(f"busy{i}", "hello", 1000))
+    late = _generate("late", "hello", 5)
+    scheduler.submit(
+        Generate(late.request_id, late.prompt, 1, late.params, queue_deadline=time.monotonic() - 1)
+    )
+    events = scheduler.step()
+    refused = [e for e in events if isinstance(e, Rejected)]
+    assert [(e.request_id, e.timed_out) for e in refused] == [("late", True)]
+    for i in range(4):
+        scheduler.cancel(f"busy{i}")
+    assert not scheduler.has_work()
 
 
 def test_refusals_name_the_problem(scheduler) -> None:

@@ -1,4 +1,4 @@
-"""Command line: `multiserve serve` (more subcommands join as they are built)."""
+"""Command line: `multiserve serve` runs the server, `multiserve models` describes a config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-from multiserve.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, ModelSpec, load_settings
+from multiserve.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ConfigError,
+    ModelSpec,
+    Settings,
+    load_settings,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,14 +22,37 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
     serve.add_argument("--config", type=Path, help="TOML or JSON config file")
-    serve.add_argument("--model", type=Path, help="a GGUF file to serve (instead of the default)")
+    serve.add_argument("--model", type=Path, help="a GGUF file to serve (beside the config's)")
     serve.add_argument("--model-id", help="id to serve --model under (default: file name)")
     serve.add_argument("--host", help=f"bind address (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--threads", type=int, help="compute threads (default: physical cores)")
     serve.add_argument("--parallel", type=int, default=8, help="sequence slots for --model")
     serve.add_argument("--ctx", type=int, default=4096, help="context per sequence for --model")
+    models = sub.add_parser("models", help="list a config's models: size, memory, state")
+    models.add_argument("--config", type=Path, help="TOML or JSON config file")
     return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The config file, plus `--model` (or, with no models at all, the embedded default)."""
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "threads")}
+    settings = load_settings(args.config, overrides)
+    model = getattr(args, "model", None)
+    if model is None and settings.models:
+        return settings
+    if model is None:
+        from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
+
+        model, model_id = default_model_path(), DEFAULT_MODEL_ID
+    else:
+        if not model.is_file():
+            raise ConfigError(f"--model: file not found: {model}")
+        model_id = args.model_id or model.stem
+    spec = ModelSpec(
+        id=model_id, path=model.resolve(), n_parallel=args.parallel, n_ctx=args.ctx, preload=True
+    )
+    return settings.model_copy(update={"models": [spec, *settings.models]})
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -30,32 +60,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from multiserve.api.app import create_app
 
-    overrides = {"host": args.host, "port": args.port, "threads": args.threads}
-    try:
-        settings = load_settings(args.config, overrides)
-        preload: tuple[str, ...] = ()
-        if args.model is not None or not settings.models:
-            path = args.model
-            model_id = args.model_id
-            if path is None:
-                from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
-
-                path, model_id = default_model_path(), model_id or DEFAULT_MODEL_ID
-            spec = ModelSpec(
-                id=model_id or path.stem,
-                path=path.resolve(),
-                n_parallel=args.parallel,
-                n_ctx=args.ctx,
-            )
-            settings = settings.model_copy(update={"models": [spec, *settings.models]})
-            preload = (spec.id,)
-        for spec in settings.models:
-            if not spec.path.is_file():
-                raise ConfigError(f"model {spec.id!r}: file not found: {spec.path}")
-    except (ConfigError, ValueError) as exc:
-        print(f"multiserve: {exc}", file=sys.stderr)
-        return 2
-    app = create_app(settings, preload=preload)
+    settings = _settings(args)
+    app = create_app(settings)
     print(
         f"multiserve: serving {', '.join(s.id for s in settings.models)} on "
         f"http://{settings.host}:{settings.port}",
@@ -71,11 +77,42 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from multiserve.fleet.gguf_header import GGUFError, read_header
+    from multiserve.fleet.memory import estimate_memory, format_bytes
+
+    settings = load_settings(args.config)
+    table = Table("id", "aliases", "file size", "estimated memory", "state")
+    for spec in settings.models:
+        size = estimate = "-"
+        try:
+            header = read_header(spec.path)
+            size = format_bytes(spec.path.stat().st_size)
+            est = estimate_memory(header, spec)
+            estimate = (
+                f"{format_bytes(est.total)} (weights {format_bytes(est.weights)}, "
+                f"KV {format_bytes(est.kv_cache)})"
+            )
+            state = "ready"
+        except FileNotFoundError:
+            state = "[red]file not found[/red]"
+        except (GGUFError, OSError) as exc:
+            state = f"[red]unreadable: {exc}[/red]"
+        table.add_row(spec.id, ", ".join(spec.aliases), size, estimate, state)
+    Console().print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    return 2
+    try:
+        return _serve(args) if args.command == "serve" else _models(args)
+    except ConfigError as exc:
+        print(f"multiserve: {exc}", file=sys.stderr)
+        return 2

@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8082
@@ -32,6 +39,22 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+class SamplingDefaults(BaseModel):
+    """Per-model defaults for sampling fields a request leaves out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+    def given(self) -> dict[str, float | int]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class ModelSpec(BaseModel):
     """One servable model: which GGUF, under which names, with which runtime shape."""
 
@@ -49,6 +72,12 @@ class ModelSpec(BaseModel):
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
     flash_attn: bool = False
     chat_template: str | None = None
+    preload: bool = Field(default=False, description="load at server start")
+    pinned: bool = Field(default=False, description="never evicted or unloaded for idleness")
+    idle_ttl: float | None = Field(default=None, gt=0, description="unload after idle seconds")
+    queue_limit: int = Field(default=32, ge=0, le=100_000, description="requests beyond slots")
+    queue_timeout: float = Field(default=60.0, gt=0, description="seconds a request may wait")
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -64,7 +93,20 @@ class Settings(BaseModel):
     port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
     threads: int = Field(default_factory=default_threads, ge=1, le=1024)
     max_n: int = Field(default=16, ge=1, le=256, description="largest `n` a request may ask")
+    memory_budget: str = Field(
+        default="80%", description="bytes ('12GiB', '800MB', 1e9) or a share of MemAvailable"
+    )
+    max_loaded_models: int | None = Field(default=None, ge=1)
+    load_timeout: float = Field(default=120.0, gt=0, description="seconds a model load may take")
+    share_cores: bool = Field(default=True, description="busy models take turns on the cores")
     models: list[ModelSpec] = Field(default_factory=list)
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget_is_parseable(cls, value: object) -> str:
+        text = str(value).strip()
+        parse_budget(text, available=1)  # raises ValueError with a clear message
+        return text
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> Settings:
@@ -78,6 +120,38 @@ class Settings(BaseModel):
 
     def threads_for(self, spec: ModelSpec) -> int:
         return spec.threads or self.threads
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_budget(text: str, available: int) -> int:
+    """'80%' of `available`, or an absolute size such as '12GiB', '800MB', '1e9' in bytes."""
+    text = text.strip().lower().replace(" ", "")
+    if text.endswith("%"):
+        share = float(text[:-1])
+        if not 0 < share <= 100:
+            raise ValueError("a memory budget share must be between 0% and 100%")
+        return int(available * share / 100)
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :]
+    if unit not in _UNITS or not number:
+        raise ValueError(f"cannot read memory budget {text!r}; use e.g. '12GiB' or '80%'")
+    size = int(float(number) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError("a memory budget must be positive")
+    return size
 
 
 def _format_validation_error(source: str, error: ValidationError, raw: dict) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,19 +13,16 @@ from multiserve.api.errors import install_error_handlers
 from multiserve.api.metrics import Metrics
 from multiserve.api.routes import ServerState, router
 from multiserve.config import Settings
-from multiserve.fleet.manager import Fleet, ModelUnavailable
+from multiserve.fleet.manager import Fleet
 
 
-def create_app(settings: Settings, preload: tuple[str, ...] = ()) -> FastAPI:
-    """An app serving `settings.models`; models in `preload` load before it takes requests."""
+def create_app(settings: Settings) -> FastAPI:
+    """An app serving `settings.models`; preloaded models load before it takes requests."""
     fleet = Fleet(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for model_id in preload:
-            entry = fleet.entries[model_id]
-            with contextlib.suppress(ModelUnavailable):  # shown in /health; others still serve
-                await fleet.engine(entry)
+        await fleet.start()
         try:
             yield
         finally:

@@ -1,26 +1,37 @@
 """Runs one request on a worker and answers it: one JSON body, or SSE chunks ending in [DONE].
 
-The worker's first event decides the status: `Rejected` is a 400 before any byte is streamed, so
-streaming clients get proper error statuses too. A client that goes away cancels its request in
-the worker (the stream is closed in `finally`), which frees its slots within one step.
+The response starts only when the worker accepts the request into its sequence slots, so a
+refusal is a proper status even for streaming clients: 400 for bad input, 503 for a request that
+waited in the queue past its timeout. A client that goes away (while queued or generating)
+cancels its request in the worker, which frees its slots within one step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from multiserve.api.errors import APIError, error_body
 from multiserve.api.formats import ChoiceResult, ResponseFormat
 from multiserve.api.metrics import RequestTracker
 from multiserve.engine.client import EngineClient, RequestStream, WorkerGone
 from multiserve.engine.protocol import Accepted, ChoiceDelta, Generate, Rejected
+from multiserve.fleet.admission import Ticket
 
 WORKER_GONE_MESSAGE = "The model stopped unexpectedly while generating; please retry."
 DECODE_ERROR_MESSAGE = "The model failed to compute this request; please retry."
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never seen by it
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    pass
 
 
 def _sse(payload: dict | str) -> str:
@@ -28,41 +39,89 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
+class _EventStream(StreamingResponse):
+    """SSE response that always frees its request, however the connection ends.
+
+    The body generator frees it too, but a client gone before the first chunk means the
+    generator never starts and its `finally` never runs.
+    """
+
+    def __init__(self, body: AsyncIterator[str], cleanup: Callable[[], object]) -> None:
+        super().__init__(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but give up with ClientDisconnected as soon as the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected
+
+
 async def generate(
+    http_request: Request,
     engine: EngineClient,
     request: Generate,
     fmt: ResponseFormat,
     tracker: RequestTracker,
+    ticket: Ticket,
     *,
     stream: bool,
     include_usage: bool,
-) -> JSONResponse | StreamingResponse:
+) -> Response:
+    """Answer `request`; the ticket is released when the answer is complete or abandoned."""
     events = engine.open(request)
+    handed_over = False
     try:
-        first = await events.next()
+        first = await unless_disconnected(http_request, events.next())
+        if isinstance(first, Rejected):
+            tracker.failed("queue_timeout" if first.timed_out else "rejected")
+            if first.timed_out:
+                raise APIError(
+                    503,
+                    "The request waited too long in the queue; retry later.",
+                    code="queue_timeout",
+                    headers={"Retry-After": str(ticket.retry_after())},
+                )
+            raise APIError(400, first.message, param=first.param)
+        assert isinstance(first, Accepted)
+        if stream:
+            body = _stream(events, fmt, tracker, ticket, first.prompt_tokens, include_usage)
+            handed_over = True
+            return _EventStream(body, cleanup=lambda: (events.close(), ticket.release()))
+        collected = _collect(events, fmt, tracker, first.prompt_tokens)
+        return JSONResponse(await unless_disconnected(http_request, collected))
     except WorkerGone:
-        events.close()
         tracker.failed("worker_exit")
         raise APIError(500, WORKER_GONE_MESSAGE, code="model_crashed") from None
-    except BaseException:
-        events.close()
-        raise
-    if isinstance(first, Rejected):
-        events.close()
-        tracker.failed("rejected")
-        raise APIError(400, first.message, param=first.param)
-    assert isinstance(first, Accepted)
-    if stream:
-        body = _stream(events, fmt, tracker, first.prompt_tokens, include_usage)
-        return StreamingResponse(
-            body,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    try:
-        return JSONResponse(await _collect(events, fmt, tracker, first.prompt_tokens))
+    except ClientDisconnected:
+        tracker.failed("client_disconnected")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
-        events.close()
+        if not handed_over:
+            events.close()
+            ticket.release()
 
 
 async def _collect(
@@ -70,24 +129,20 @@ async def _collect(
 ) -> dict:
     results = [ChoiceResult() for _ in range(events.request.n)]
     completion_tokens = 0
-    try:
-        while not events.done:
-            event = await events.next()
-            if not isinstance(event, ChoiceDelta):
-                continue
-            if event.finish_reason == "error":
-                tracker.failed("decode")
-                raise APIError(500, DECODE_ERROR_MESSAGE, code="decode_failed")
-            result = results[event.index]
-            completion_tokens += event.new_tokens
-            result.text.append(event.text)
-            result.logprobs.extend(event.logprobs)
-            result.finish_reason = event.finish_reason or result.finish_reason
-            if event.text:
-                tracker.delivered()
-    except WorkerGone:
-        tracker.failed("worker_exit")
-        raise APIError(500, WORKER_GONE_MESSAGE, code="model_crashed") from None
+    while not events.done:
+        event = await events.next()
+        if not isinstance(event, ChoiceDelta):
+            continue
+        if event.finish_reason == "error":
+            tracker.failed("decode")
+            raise APIError(500, DECODE_ERROR_MESSAGE, code="decode_failed")
+        result = results[event.index]
+        completion_tokens += event.new_tokens
+        result.text.append(event.text)
+        result.logprobs.extend(event.logprobs)
+        result.finish_reason = event.finish_reason or result.finish_reason
+        if event.text:
+            tracker.delivered()
     tracker.finished(prompt_tokens, completion_tokens, [r.finish_reason or "" for r in results])
     return fmt.body(results, prompt_tokens, completion_tokens)
 
@@ -96,6 +151,7 @@ async def _stream(
     events: RequestStream,
     fmt: ResponseFormat,
     tracker: RequestTracker,
+    ticket: Ticket,
     prompt_tokens: int,
     include_usage: bool,
 ) -> AsyncIterator[str]:
@@ -131,4 +187,5 @@ async def _stream(
         raise
     finally:
         events.close()
+        ticket.release()
     yield _sse("[DONE]")

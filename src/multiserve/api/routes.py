@@ -1,24 +1,26 @@
-"""The HTTP routes: OpenAI completions and models, plus health, stats and metrics."""
+"""The HTTP routes: OpenAI completions and models, model load/unload, health, stats, metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from multiserve.api.errors import APIError, model_not_found
 from multiserve.api.formats import ChatFormat, ResponseFormat, TextFormat
 from multiserve.api.generation import generate
 from multiserve.api.metrics import Metrics
-from multiserve.api.schemas import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+from multiserve.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from multiserve.config import Settings
 from multiserve.engine.client import EngineClient
 from multiserve.engine.protocol import Generate, SamplingParams
-from multiserve.fleet.manager import Fleet, ModelEntry, ModelUnavailable
+from multiserve.fleet.admission import Overloaded, Ticket
+from multiserve.fleet.manager import Fleet, ModelBusy, ModelEntry, ModelUnavailable
 from multiserve.templates.chat import ChatTemplateError, resolve_template
 
 
@@ -37,32 +39,70 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-async def _engine_for(
-    state: ServerState, body: _SamplingRequest
-) -> tuple[ModelEntry, EngineClient]:
-    entry = state.fleet.resolve(body.model)
+def _entry(state: ServerState, name: str) -> ModelEntry:
+    entry = state.fleet.resolve(name)
     if entry is None:
-        raise model_not_found(body.model)
+        raise model_not_found(name)
+    return entry
+
+
+def _unavailable(exc: ModelUnavailable) -> APIError:
+    return APIError(
+        503, str(exc), code="model_unavailable", headers={"Retry-After": str(exc.retry_after)}
+    )
+
+
+async def _admitted(state: ServerState, body: SamplingRequest) -> tuple[ModelEntry, Ticket]:
+    entry = _entry(state, body.model)
     if body.n > state.settings.max_n:
         raise APIError(400, f"n must be at most {state.settings.max_n}", param="n")
     try:
-        return entry, await state.fleet.engine(entry)
-    except ModelUnavailable as exc:
+        return entry, state.fleet.admit(entry)
+    except Overloaded as exc:
         raise APIError(
-            503, str(exc), code="model_unavailable", headers={"Retry-After": "5"}
+            503,
+            f"Model `{entry.spec.id}` is overloaded; retry later.",
+            code="queue_full",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    except ModelUnavailable as exc:
+        raise _unavailable(exc) from None
+
+
+async def _engine(
+    state: ServerState, entry: ModelEntry, ticket: Ticket, deadline: float
+) -> EngineClient:
+    """The model's worker; waiting for a load counts against the request's queue timeout."""
+    try:
+        return await asyncio.wait_for(state.fleet.engine(entry), deadline - time.monotonic())
+    except ModelUnavailable as exc:
+        raise _unavailable(exc) from None
+    except TimeoutError:
+        raise APIError(
+            503,
+            f"Model `{entry.spec.id}` is still loading; retry later.",
+            code="queue_timeout",
+            headers={"Retry-After": str(ticket.retry_after())},
         ) from None
 
 
-def _sampling(body: _SamplingRequest, max_tokens: int | None, logprobs: int | None):
+def _sampling(
+    entry: ModelEntry, body: SamplingRequest, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    """The request's sampling fields, with the model's configured defaults where it is silent."""
+    given = body.model_fields_set
+    defaults = entry.spec.defaults.given()
+    fields = {
+        name: defaults[name] if name in defaults and name not in given else getattr(body, name)
+        for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+    }
+    if not {"max_tokens", "max_completion_tokens"} & given:
+        max_tokens = defaults.get("max_tokens", max_tokens)
     return SamplingParams(
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
+        **fields,
         seed=body.seed,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
-        repeat_penalty=body.repeat_penalty,
         logit_bias=body.token_logit_bias(),
         json_schema=body.json_schema_text(),
         max_tokens=max_tokens,
@@ -72,71 +112,75 @@ def _sampling(body: _SamplingRequest, max_tokens: int | None, logprobs: int | No
     )
 
 
-async def _run(
-    state: ServerState,
-    entry: ModelEntry,
-    engine: EngineClient,
-    body: _SamplingRequest,
-    request: Generate,
-    fmt: ResponseFormat,
-):
+async def _complete(request: Request, body: SamplingRequest, build) -> Response:
+    """Admit, get the worker, build the engine request and format, and answer."""
+    state = _state(request)
+    arrived = time.monotonic()
+    entry, ticket = await _admitted(state, body)
+    try:
+        deadline = arrived + entry.spec.queue_timeout
+        engine = await _engine(state, entry, ticket, deadline)
+        prompt, add_bos, fmt = build(entry, engine)
+        generate_request = Generate(
+            request_id=uuid.uuid4().hex,
+            prompt=prompt,
+            n=body.n,
+            params=_sampling(entry, body, body.token_limit, body.logprobs_count),
+            add_bos=add_bos,
+            parse_special=True,
+            queue_deadline=deadline,
+        )
+    except BaseException:
+        ticket.release()
+        raise
     tracker = state.metrics.track(entry.spec.id)
     return await generate(
-        engine, request, fmt, tracker, stream=body.stream, include_usage=body.include_usage
+        request,
+        engine,
+        generate_request,
+        fmt,
+        tracker,
+        ticket,
+        stream=body.stream,
+        include_usage=body.include_usage,
     )
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
-    state = _state(request)
-    entry, engine = await _engine_for(state, body)
-    info = engine.info
-    template = resolve_template(
-        info.chat_template,
-        info.architecture,
-        info.name,
-        info.bos_token,
-        info.eos_token,
-        entry.spec.chat_template,
-    )
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        prompt = template.render(messages, add_generation_prompt=True)
-    except ChatTemplateError as exc:
-        raise APIError(400, str(exc), param="messages") from None
-    starts_with_bos = bool(info.bos_token) and prompt.startswith(info.bos_token)
-    generate_request = Generate(
-        request_id=uuid.uuid4().hex,
-        prompt=prompt,
-        n=body.n,
-        params=_sampling(body, body.token_limit, body.logprobs_count),
-        add_bos=not starts_with_bos,
-        parse_special=True,
-    )
-    fmt = ChatFormat(body.model, want_logprobs=body.logprobs)
-    return await _run(state, entry, engine, body, generate_request, fmt)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    def build(entry: ModelEntry, engine: EngineClient) -> tuple[str, bool, ResponseFormat]:
+        info = engine.info
+        template = resolve_template(
+            info.chat_template,
+            info.architecture,
+            info.name,
+            info.bos_token,
+            info.eos_token,
+            entry.spec.chat_template,
+        )
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = template.render(messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        starts_with_bos = bool(info.bos_token) and prompt.startswith(info.bos_token)
+        return prompt, not starts_with_bos, ChatFormat(body.model, want_logprobs=body.logprobs)
+
+    return await _complete(request, body, build)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
-    state = _state(request)
-    entry, engine = await _engine_for(state, body)
-    prompt = body.prompt if isinstance(body.prompt, str) else tuple(body.prompt)
-    generate_request = Generate(
-        request_id=uuid.uuid4().hex,
-        prompt=prompt,
-        n=body.n,
-        params=_sampling(body, body.token_limit, body.logprobs_count),
-        add_bos=True,
-        parse_special=True,
-    )
-    fmt = TextFormat(body.model, want_logprobs=body.logprobs is not None)
-    return await _run(state, entry, engine, body, generate_request, fmt)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    def build(entry: ModelEntry, engine: EngineClient) -> tuple[object, bool, ResponseFormat]:
+        prompt = body.prompt if isinstance(body.prompt, str) else tuple(body.prompt)
+        return prompt, True, TextFormat(body.model, want_logprobs=body.logprobs is not None)
+
+    return await _complete(request, body, build)
 
 
-def _model_card(model_id: str, entry: ModelEntry) -> dict:
+def _model_card(entry: ModelEntry) -> dict:
     return {
-        "id": model_id,
+        "id": entry.spec.id,
         "object": "model",
         "created": entry.created,
         "owned_by": "multiserve",
@@ -147,32 +191,52 @@ def _model_card(model_id: str, entry: ModelEntry) -> dict:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    fleet = _state(request).fleet
-    return {
-        "object": "list",
-        "data": [_model_card(model_id, e) for model_id, e in fleet.entries.items()],
-    }
+    entries = _state(request).fleet.entries.values()
+    return {"object": "list", "data": [_model_card(e) for e in entries]}
+
+
+@router.post("/v1/models/{model_id:path}/load")
+async def load_model(model_id: str, request: Request) -> dict:
+    state = _state(request)
+    entry = _entry(state, model_id)
+    try:
+        await state.fleet.engine(entry)
+    except ModelUnavailable as exc:
+        raise _unavailable(exc) from None
+    return _model_card(entry)
+
+
+@router.post("/v1/models/{model_id:path}/unload")
+async def unload_model(model_id: str, request: Request, wait: bool = False) -> dict:
+    state = _state(request)
+    entry = _entry(state, model_id)
+    try:
+        await state.fleet.unload(entry, wait=wait)
+    except ModelBusy as exc:
+        raise APIError(409, f"{exc}; retry later or pass ?wait=true", code="model_busy") from None
+    return _model_card(entry)
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
-    entry = _state(request).fleet.resolve(model_id)
-    if entry is None:
-        raise model_not_found(model_id)
-    return _model_card(entry.spec.id, entry)
+    return _model_card(_entry(_state(request), model_id))
 
 
 @router.get("/health")
-async def health(request: Request) -> JSONResponse:
+async def health(request: Request) -> dict:
     fleet = _state(request).fleet
-    states = {model_id: e.state.value for model_id, e in fleet.entries.items()}
-    return JSONResponse({"status": "ok", "models": states})
+    return {"status": "ok", "models": {i: e.state.value for i, e in fleet.entries.items()}}
 
 
 @router.get("/stats")
 async def stats(request: Request) -> dict:
     state = _state(request)
-    return {"uptime_seconds": round(time.time() - state.started, 3), **state.metrics.snapshot()}
+    fleet = state.fleet
+    return {
+        "uptime_seconds": round(time.time() - state.started, 3),
+        "memory": {"budget": fleet.budget, "reserved": fleet.reserved_bytes()},
+        **state.metrics.snapshot(),
+    }
 
 
 @router.get("/metrics")

@@ -87,7 +87,7 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class _SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="allow")
@@ -111,7 +111,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False  # extension used by benchmarks (vLLM and llama.cpp accept it too)
 
     @model_validator(mode="after")
-    def _no_unknown_fields(self) -> _SamplingRequest:
+    def _no_unknown_fields(self) -> SamplingRequest:
         for name in self.model_extra or {}:
             if name in UNSUPPORTED_FIELDS:
                 raise ValueError(f"`{name}` is not supported by this server")
@@ -180,7 +180,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     logprobs: bool = False
@@ -195,7 +195,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] = Field(max_length=1 << 20)
     logprobs: int | None = Field(default=None, ge=0, le=20)
 

@@ -1,4 +1,4 @@
-"""API-process side of a worker: spawn it, send requests, route its step outputs to requests.
+"""API-process side of a worker: start it, send requests, route its step outputs to requests.
 
 A reader thread turns the worker's messages into per-request asyncio queues; a writer thread
 sends, so a large prompt never blocks the event loop on a full pipe. The worker's exit (clean or a
@@ -16,11 +16,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psutil
+
+from multiserve.engine.lease import ComputeLease
 from multiserve.engine.protocol import (
     Cancel,
     ChoiceDelta,
     Event,
     Generate,
+    Load,
     LoadFailed,
     ModelInfo,
     Rejected,
@@ -45,6 +49,25 @@ class WorkerGone(RuntimeError):
 @dataclass(frozen=True)
 class _Exited:
     exitcode: int | None
+
+
+class WorkerProcess:
+    """A spawned, still blank worker process and our end of its pipe."""
+
+    def __init__(self, lease: ComputeLease | None) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(
+            target=run_worker, args=(child, lease), name="multiserve-worker", daemon=True
+        )
+        self.process.start()
+        child.close()
+
+    def discard(self) -> None:
+        """End a worker that was never given a model."""
+        self.process.kill()
+        self.process.join(STOP_GRACE_SECONDS)
+        self.conn.close()
 
 
 class RequestStream:
@@ -80,8 +103,14 @@ class EngineClient:
 
     _ids = itertools.count()
 
-    def __init__(self, config: WorkerConfig, on_exit: Callable[[EngineClient], None]) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        on_exit: Callable[[EngineClient], None],
+        lease: ComputeLease | None = None,
+    ) -> None:
         self.config = config
+        self._lease = lease
         self.info: ModelInfo | None = None
         self.pid: int | None = None
         self.running = 0
@@ -94,20 +123,17 @@ class EngineClient:
         self._process: mp.process.BaseProcess | None = None
         self._conn = None
 
-    async def start(self) -> ModelInfo:
-        """Spawn the worker and wait for its model to load."""
+    async def start(self, worker: WorkerProcess | None = None) -> ModelInfo:
+        """Load the model in `worker` (a pre-started spare) or a new worker; wait until ready."""
         self._loop = asyncio.get_running_loop()
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(
-            target=run_worker,
-            args=(child, self.config),
-            name=f"multiserve-worker-{self.config.model_id}",
-            daemon=True,
-        )
-        self._process.start()
-        child.close()
-        reply = await self._loop.run_in_executor(None, self._first_reply)
+        worker = worker or WorkerProcess(self._lease)
+        self._process, self._conn = worker.process, worker.conn
+        try:
+            self._conn.send(Load(self.config))
+        except OSError:
+            reply = None  # a spare that died while waiting
+        else:
+            reply = await self._loop.run_in_executor(None, self._first_reply)
         if isinstance(reply, WorkerReady):
             self.info, self.pid, self.alive = reply.info, reply.pid, True
             threading.Thread(target=self._read_loop, daemon=True).start()
@@ -133,6 +159,13 @@ class EngineClient:
     def in_flight(self) -> int:
         return len(self._streams)
 
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the worker as the OS measures it (for /stats beside the estimate)."""
+        try:
+            return psutil.Process(self.pid).memory_info().rss if self.pid else None
+        except psutil.Error:
+            return None
+
     async def stop(self) -> None:
         """Ask the worker to exit; kill it if it does not within the grace period."""
         process = self._process
@@ -145,10 +178,6 @@ class EngineClient:
             process.kill()
             await loop.run_in_executor(None, process.join, STOP_GRACE_SECONDS)
         self._outbox.put(None)
-
-    def kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
 
     # -- threads -----------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Messages between the API process and a model worker (pickled over a multiprocessing pipe).
 
-The API process sends `Generate`, `Cancel` and `Shutdown`; the worker answers once with
-`WorkerReady` or `LoadFailed`, then with one `StepOutput` per batched decode step carrying every
-request's events from that step.
+A worker starts blank (so one can be started ahead of need) and gets `Load`; it answers once with
+`WorkerReady` or `LoadFailed`. Then the API process sends `Generate`, `Cancel` and `Shutdown`, and
+the worker sends one `StepOutput` per batched decode step carrying every request's events.
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Load:
+    """First message to a (possibly pre-started) worker: which model to load."""
+
+    config: WorkerConfig
+
+
+@dataclass(frozen=True)
 class Generate:
     request_id: str
     prompt: str | tuple[int, ...]
@@ -56,6 +63,7 @@ class Generate:
     params: SamplingParams
     add_bos: bool = True  # False when a chat template already wrote the BOS token
     parse_special: bool = True  # chat templates spell control tokens as text
+    queue_deadline: float | None = None  # time.monotonic() after which it may not start
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,7 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Accepted:
-    """The prompt fit and the request has slots queued for it."""
+    """The request got its sequence slots and starts running in the next step."""
 
     request_id: str
     prompt_tokens: int
@@ -120,11 +128,12 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Rejected:
-    """The worker refused the request before running it (client error, 400)."""
+    """The worker refused the request before running it: a client error unless `timed_out`."""
 
     request_id: str
     message: str
     param: str | None = None
+    timed_out: bool = False  # waited in the queue past its deadline
 
 
 @dataclass(frozen=True)

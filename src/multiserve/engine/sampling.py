@@ -26,7 +26,7 @@ def grammar_for(json_schema: str) -> str:
         return JSON_GBNF
     try:
         return json_schema_to_gbnf(json_schema)
-    except Exception as exc:
+    except Exception as exc:  # the converter also signals bad schemas with bare asserts
         raise SamplingError(
             f"response_format json_schema cannot be enforced: {exc}", "response_format"
         ) from None

@@ -7,8 +7,9 @@ join between steps, and a finished or cancelled choice frees its KV cells and sl
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from multiserve.engine.detokenizer import IncrementalDetokenizer
 from multiserve.engine.protocol import (
@@ -54,8 +55,8 @@ class Job:
     request_id: str
     prompt: list[int]
     choices: list[Choice]
+    deadline: float | None = None
     prefilled: int = 0
-    slots_held: list[int] = field(default_factory=list)
 
     @property
     def leader(self) -> Choice:
@@ -77,8 +78,11 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, request: Generate) -> Event:
-        """Tokenize and check a request; queue it or say why not (never raises for bad input)."""
+    def submit(self, request: Generate) -> Rejected | None:
+        """Tokenize, check and queue a request; a Rejected says why not (bad input never raises).
+
+        `Accepted` follows from a later step, when the request gets its slots.
+        """
         try:
             job = self._make_job(request)
         except SamplingError as exc:
@@ -86,7 +90,7 @@ class Scheduler:
         except _Refusal as exc:
             return Rejected(request.request_id, exc.message, exc.param)
         self.waiting.append(job)
-        return Accepted(request.request_id, len(job.prompt))
+        return None
 
     def cancel(self, request_id: str) -> None:
         for job in list(self.waiting):
@@ -112,7 +116,9 @@ class Scheduler:
 
     def step(self) -> list[Event]:
         """Admit, build one batch, decode it, sample every choice that got logits."""
-        self._admit()
+        events = self._admit()
+        if not self.running and not self.prefilling:
+            return events
         batch = self.batch
         batch.clear()
         decoding = [
@@ -134,9 +140,8 @@ class Scheduler:
                 prompts_done.append((job, index))
 
         if self.runtime.decode(batch) != 0:
-            return self._fail_batch(decoding)
+            return events + self._fail_batch(decoding)
 
-        events: list[Event] = []
         for job, index in prompts_done:
             self.prefilling.remove(job)
             for choice in job.choices:
@@ -173,13 +178,24 @@ class Scheduler:
 
     # -- slots -------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
-        """First come, first served: the head of the queue waits until all its slots are free."""
+    def _admit(self) -> list[Event]:
+        """First come, first served: the head of the queue waits until all its slots are free.
+
+        Requests whose queue deadline passed leave the queue without running.
+        """
+        events: list[Event] = []
+        now = time.monotonic()
+        for job in [j for j in self.waiting if j.deadline is not None and j.deadline < now]:
+            self.waiting.remove(job)
+            self._drop(job.choices)
+            events.append(Rejected(job.request_id, "timed out waiting in the queue", None, True))
         while self.waiting and len(self.free_slots) >= len(self.waiting[0].choices):
             job = self.waiting.popleft()
             for choice in job.choices:
                 choice.slot = self.free_slots.popleft()
             self.prefilling.append(job)
+            events.append(Accepted(job.request_id, len(job.prompt)))
+        return events
 
     def _release(self, choice: Choice) -> None:
         if choice in self.running:
@@ -260,7 +276,7 @@ class Scheduler:
         except SamplingError:
             self._drop(choices)
             raise
-        return Job(request.request_id, prompt, choices)
+        return Job(request.request_id, prompt, choices, request.queue_deadline)
 
 
 class _Refusal(Exception):

@@ -1,7 +1,8 @@
-"""Worker process main: load one model, then loop: read commands, run one batched step, reply.
+"""Worker process main: wait for a model, load it, then loop: read commands, run one step, reply.
 
 Runs in a spawned process so a crash inside llama.cpp (segfault, OOM kill, corrupt file) takes
-down only this model. Replies are one `StepOutput` message per step.
+down only this model. A worker starts blank and imports llama.cpp before it is told which model
+to load, so a pre-started spare makes a cold model's first token come sooner.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from multiserve.engine.protocol import (
     Cancel,
     Event,
     Generate,
+    Load,
     LoadFailed,
     Rejected,
     Shutdown,
     StepOutput,
-    WorkerConfig,
     WorkerReady,
 )
 
 if TYPE_CHECKING:
+    from multiserve.engine.lease import ComputeLease
     from multiserve.engine.scheduler import Scheduler
 
 IDLE_POLL_SECONDS = 1.0
@@ -39,16 +41,24 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _submit(scheduler: Scheduler, request: Generate) -> Event:
+def _submit(scheduler: Scheduler, request: Generate) -> Rejected | None:
     """Queue a request; an unexpected error preparing it fails that request, not the worker."""
     try:
         return scheduler.submit(request)
-    except Exception:
+    except Exception:  # isolation boundary: log it and refuse only this request
         traceback.print_exc()
         return Rejected(request.request_id, "the request could not be prepared for this model")
 
 
-def run_worker(conn: Connection, config: WorkerConfig) -> None:
+def _wait_for_load(conn: Connection, parent: int) -> Load | None:
+    while not conn.poll(IDLE_POLL_SECONDS):
+        if os.getppid() != parent:
+            return None
+    message = conn.recv()
+    return message if isinstance(message, Load) else None
+
+
+def run_worker(conn: Connection, lease: ComputeLease | None) -> None:
     """Entry point of the worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which stops us
     _die_with_parent()
@@ -58,34 +68,46 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
     from multiserve.engine.scheduler import Scheduler
 
     try:
-        runtime = Runtime(config)
-    except LoadError as exc:
-        conn.send(LoadFailed(str(exc)))
-        return
-    scheduler = Scheduler(runtime)
-    conn.send(WorkerReady(runtime.info(), os.getpid()))
-
-    reported = (0, 0)
-    try:
-        while True:
-            if not scheduler.has_work() and not conn.poll(IDLE_POLL_SECONDS):
-                if os.getppid() != parent:
-                    return
-                continue
-            events: list[Event] = []
-            while conn.poll():
-                message = conn.recv()
-                if isinstance(message, Generate):
-                    events.append(_submit(scheduler, message))
-                elif isinstance(message, Cancel):
-                    scheduler.cancel(message.request_id)
-                elif isinstance(message, Shutdown):
-                    return
-            if scheduler.has_work():
-                events += scheduler.step()
-            counts = scheduler.counts()
-            if events or counts != reported:  # a cancel changes the counts without any event
-                conn.send(StepOutput(events, *counts))
-                reported = counts
+        load = _wait_for_load(conn, parent)
+        if load is None:
+            return
+        try:
+            runtime = Runtime(load.config)
+        except LoadError as exc:
+            conn.send(LoadFailed(str(exc)))
+            return
+        conn.send(WorkerReady(runtime.info(), os.getpid()))
+        _serve(conn, Scheduler(runtime), lease, parent)
     except (EOFError, BrokenPipeError):
         return  # the API process is gone
+
+
+def _serve(conn: Connection, scheduler: Scheduler, lease: ComputeLease | None, parent: int):
+    reported = (0, 0)
+    while True:
+        if not scheduler.has_work() and not conn.poll(IDLE_POLL_SECONDS):
+            if os.getppid() != parent:
+                return
+            continue
+        events: list[Event] = []
+        while conn.poll():
+            message = conn.recv()
+            if isinstance(message, Generate):
+                if (refused := _submit(scheduler, message)) is not None:
+                    events.append(refused)
+            elif isinstance(message, Cancel):
+                scheduler.cancel(message.request_id)
+            elif isinstance(message, Shutdown):
+                return
+        if scheduler.has_work():
+            if lease is not None:
+                lease.acquire()
+            try:
+                events += scheduler.step()
+            finally:
+                if lease is not None:
+                    lease.release()
+        counts = scheduler.counts()
+        if events or counts != reported:  # a cancel changes the counts without any event
+            conn.send(StepOutput(events, *counts))
+            reported = counts
