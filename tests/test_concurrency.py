@@ -52,9 +52,10 @@ def test_cancelled_streams_free_their_slots(server) -> None:
         for _ in range(2):  # twice: freed slots must be reusable
             streams = [http.stream("POST", "/v1/completions", json=body) for _ in range(2)]
             responses = [s.__enter__() for s in streams]
-            for response in responses:
+            readers = [response.iter_lines() for response in responses]  # kept: GC would hang up
+            for response, reader in zip(responses, readers, strict=True):
                 assert response.status_code == 200
-                next(response.iter_lines())  # generation is under way
+                next(reader)  # generation is under way
             assert _requests(http, "tiny-2slots")["running"] == 2
             for stream in streams:
                 stream.__exit__(None, None, None)  # the client goes away mid-stream

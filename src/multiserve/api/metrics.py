@@ -132,8 +132,15 @@ class Metrics:
             models[model_id] = {
                 "state": entry.state.value,
                 "error": entry.error,
+                "loads": entry.loads,
                 "worker_pid": client.pid if client else None,
+                "memory_bytes": {
+                    "estimate": entry.estimate.as_dict() if entry.estimate else None,
+                    "rss": client.rss_bytes() if client else None,
+                },
                 "requests": {
+                    "in_system": entry.admission.in_system,
+                    "capacity": entry.admission.capacity,
                     "total": stats.requests,
                     "succeeded": stats.succeeded,
                     "failed": stats.failed,

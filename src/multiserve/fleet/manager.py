@@ -62,6 +62,7 @@ class ModelEntry:
     loading: asyncio.Task[EngineClient] | None = None
     draining: bool = False
     failures: int = 0
+    loads: int = 0
     retry_at: float = 0.0
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -179,6 +180,7 @@ class Fleet:
         finally:
             entry.loading = None
         entry.client, entry.state, entry.failures = client, ModelState.LOADED, 0
+        entry.loads += 1
         return client
 
     async def _estimate(self, entry: ModelEntry) -> MemoryEstimate:

@@ -1,0 +1,275 @@
+"""Several models behind one server: lazy loads, memory budget, eviction, admission, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import run_server
+from tiny_gguf import write_tiny_model
+
+LONG = {"prompt": "hello", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fleet")
+    for i, name in enumerate("abc"):
+        write_tiny_model(folder / f"{name}.gguf", seed=i, n_ctx_train=8192)
+    data = (folder / "a.gguf").read_bytes()
+    (folder / "truncated.gguf").write_bytes(data[: len(data) // 2])
+    # a sound header llama.cpp still refuses: an architecture it does not know
+    (folder / "alien.gguf").write_bytes(data.replace(b"llama", b"lla_a"))
+    return folder
+
+
+def _config(folder: Path, body: str, settings: str = "threads = 1\n") -> Path:
+    path = folder / f"config-{time.monotonic_ns()}.toml"
+    path.write_text(settings + body)
+    return path
+
+
+def _model(name: str, file: str | None = None, **fields: object) -> str:
+    lines = [f'[[models]]\nid = "{name}"\npath = "{file or name}.gguf"\nn_ctx = 4096']
+    lines += [
+        f"{key} = {str(v).lower() if isinstance(v, bool) else v!r}".replace("'", '"')
+        for key, v in fields.items()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _stats(http: httpx.Client, model: str) -> dict:
+    return http.get("/stats").json()["models"][model]
+
+
+def _states(http: httpx.Client) -> dict[str, str]:
+    return {card["id"]: card["state"] for card in http.get("/v1/models").json()["data"]}
+
+
+def _complete(http: httpx.Client, model: str, **extra: object) -> httpx.Response:
+    return http.post(
+        "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2, **extra}
+    )
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+class Stream:
+    """A streaming request held open in a background thread until `close`."""
+
+    def __init__(self, url: str, body: dict) -> None:
+        self.status: int | None = None
+        self.lines: list[str] = []
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
+        self._thread.start()
+        assert self._started.wait(20), "stream did not start"
+
+    def _run(self, url: str, body: dict) -> None:
+        with (
+            httpx.Client(base_url=url, timeout=60) as http,
+            http.stream("POST", "/v1/completions", json=body) as response,
+        ):
+            self.status = response.status_code
+            for line in response.iter_lines():
+                if line:
+                    self.lines.append(line)
+                    self._started.set()
+                if self._stop.is_set():
+                    return
+        self._started.set()
+
+    def close(self) -> None:
+        """Hang up (the client goes away)."""
+        self._stop.set()
+        self._thread.join(20)
+
+    def finish(self) -> None:
+        """Read to the end of the stream."""
+        self._thread.join(20)
+        assert not self._thread.is_alive()
+
+
+def test_models_load_lazily_and_concurrent_requests_share_one_load(models: Path) -> None:
+    config = _config(models, _model("a") + _model("b") + _model("c"))
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        assert _states(http) == {"a": "unloaded", "b": "unloaded", "c": "unloaded"}
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                body = {"model": "b", "prompt": "hi", "max_tokens": 3}
+                calls = [client.post("/v1/completions", json=body) for _ in range(10)]
+                return [r.status_code for r in await asyncio.gather(*calls)]
+
+        assert asyncio.run(burst()) == [200] * 10
+        assert _states(http) == {"a": "unloaded", "b": "loaded", "c": "unloaded"}
+        assert _stats(http, "b")["loads"] == 1
+        estimate = _stats(http, "b")["memory_bytes"]
+        assert estimate["estimate"]["total"] > estimate["estimate"]["weights"] > 0
+        assert estimate["rss"] > 0
+
+
+def test_lru_eviction_under_a_small_budget(models: Path) -> None:
+    # each tiny model is estimated at ~232 MiB (compute buffers, worker): two fit, three do not
+    config = _config(
+        models, _model("a") + _model("b") + _model("c"), 'threads = 1\nmemory_budget = "500MiB"\n'
+    )
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        assert _complete(http, "a").status_code == 200
+        assert _complete(http, "b").status_code == 200
+        assert _complete(http, "a").status_code == 200  # b is now least recently used
+        assert _complete(http, "c").status_code == 200
+        assert _states(http) == {"a": "loaded", "b": "unloaded", "c": "loaded"}
+        reserved = http.get("/stats").json()["memory"]
+        assert reserved["reserved"] <= reserved["budget"]
+
+
+def test_busy_model_is_never_evicted(models: Path) -> None:
+    config = _config(models, _model("a") + _model("b"), 'threads = 1\nmemory_budget = "300MiB"\n')
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        stream = Stream(server.url, {"model": "a", **LONG})
+        try:
+            refused = _complete(http, "b")
+            assert refused.status_code == 503
+            error = refused.json()["error"]
+            assert "needs" in error["message"] and "available" in error["message"]
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert _states(http) == {"a": "loaded", "b": "unloaded"}
+        finally:
+            stream.close()
+        _wait_for(lambda: _stats(http, "a")["requests"]["in_system"] == 0)
+        assert _complete(http, "b").status_code == 200  # a is idle now: evicted for b
+        assert _states(http) == {"a": "unloaded", "b": "loaded"}
+
+
+def test_full_queue_is_refused_at_once_with_retry_after(models: Path) -> None:
+    config = _config(models, _model("a", n_parallel=1, queue_limit=1, preload=True))
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        running = Stream(server.url, {"model": "a", **LONG})
+        queued = threading.Thread(target=_complete, args=(http, "a"), daemon=True)
+        queued.start()
+        _wait_for(lambda: _stats(http, "a")["requests"]["in_system"] == 2)
+        started = time.monotonic()
+        refused = _complete(http, "a")
+        assert time.monotonic() - started < 1.0
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert int(refused.headers["Retry-After"]) >= 1
+        running.close()
+        queued.join(20)
+        _wait_for(lambda: _stats(http, "a")["requests"]["in_system"] == 0)
+
+
+def test_queue_timeout_refuses_and_leaves_the_queue(models: Path) -> None:
+    config = _config(models, _model("a", n_parallel=1, queue_timeout=0.5, preload=True))
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        running = Stream(server.url, {"model": "a", **LONG})
+        try:
+            late = _complete(http, "a", stream=True)
+            assert late.status_code == 503
+            assert late.json()["error"]["code"] == "queue_timeout"
+            assert "Retry-After" in late.headers
+            assert _stats(http, "a")["requests"]["waiting"] == 0
+        finally:
+            running.close()
+
+
+def test_client_that_disconnects_while_queued_never_runs(models: Path) -> None:
+    config = _config(models, _model("a", n_parallel=1, preload=True))
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        running = Stream(server.url, {"model": "a", **LONG})
+        with pytest.raises(httpx.ReadTimeout):  # gives up while queued behind `running`
+            http.post("/v1/completions", json={"model": "a", **LONG, "stream": False}, timeout=0.5)
+        _wait_for(lambda: _stats(http, "a")["requests"]["in_system"] == 1)
+        _wait_for(lambda: _stats(http, "a")["requests"]["waiting"] == 0)  # the cancel reached it
+        running.close()
+        # had the abandoned request stayed queued, it would now take the freed slot
+        _wait_for(lambda: _stats(http, "a")["requests"]["running"] == 0, timeout=3)
+        time.sleep(0.3)
+        assert _stats(http, "a")["requests"]["running"] == 0
+
+
+def test_killed_worker_fails_its_requests_only_and_reloads_later(models: Path) -> None:
+    config = _config(models, _model("a", preload=True) + _model("b", preload=True))
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        victim = Stream(server.url, {"model": "a", **LONG})
+        os.kill(_stats(http, "a")["worker_pid"], signal.SIGKILL)
+        victim.finish()
+        assert victim.lines[-1] == "data: [DONE]"
+        assert "model_crashed" in victim.lines[-2]
+        assert _states(http)["a"] == "failed"
+        assert _complete(http, "b").status_code == 200  # the other model never noticed
+        _wait_for(lambda: _complete(http, "a").status_code == 200, timeout=15)
+        assert _stats(http, "a")["loads"] == 2
+
+
+def test_corrupt_and_missing_files_fail_cleanly_while_others_serve(models: Path) -> None:
+    body = _model("trunc", "truncated") + _model("alien") + _model("gone", "missing") + _model("a")
+    config = _config(models, body)
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        assert _states(http)["gone"] == "failed"
+        for name, words in (
+            ("trunc", "not a valid GGUF"),
+            ("alien", "failed to load"),
+            ("gone", "not found"),
+        ):
+            response = _complete(http, name)
+            assert response.status_code == 503, name
+            message = response.json()["error"]["message"]
+            assert words in message, message
+            assert str(models) not in message
+        assert _complete(http, "a").status_code == 200
+        assert server.process.poll() is None
+
+
+def test_idle_ttl_unloads_and_pinned_models_stay(models: Path) -> None:
+    config = _config(models, _model("a", idle_ttl=1.0) + _model("b", idle_ttl=1.0, pinned=True))
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        assert _complete(http, "a").status_code == 200
+        assert _complete(http, "b").status_code == 200
+        _wait_for(lambda: _states(http)["a"] == "unloaded", timeout=8)
+        assert _states(http)["b"] == "loaded"
+
+
+def test_load_and_unload_endpoints(models: Path) -> None:
+    config = _config(models, _model("a"))
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        assert http.post("/v1/models/a/load").json()["state"] == "loaded"
+        stream = Stream(server.url, {"model": "a", **LONG})
+        busy = http.post("/v1/models/a/unload")
+        assert busy.status_code == 409
+        assert busy.json()["error"]["code"] == "model_busy"
+        threading.Timer(0.5, stream.close).start()
+        assert (
+            http.post("/v1/models/a/unload", params={"wait": "true"}).json()["state"] == "unloaded"
+        )
+        assert http.post("/v1/models/nope/load").status_code == 404
+
+
+def test_models_command_lists_size_memory_and_state(models: Path) -> None:
+    config = _config(models, _model("a") + _model("gone", "missing"))
+    result = subprocess.run(
+        [sys.executable, "-m", "multiserve", "models", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "KiB" in result.stdout and "MiB" in result.stdout
+    assert "file not found" in result.stdout
