@@ -168,6 +168,18 @@ def _format_validation_error(source: str, error: ValidationError, raw: dict) -> 
     return "\n".join(lines)
 
 
+EMBEDDED_MODEL = "embedded:gemma-3-270m"
+
+
+def _model_path(value: str, base: Path) -> Path:
+    """A model path relative to its config file, or the embedded default model."""
+    if value == EMBEDDED_MODEL:
+        from multiserve.models.default import default_model_path
+
+        return default_model_path()
+    return base / Path(value).expanduser()
+
+
 def load_settings(path: Path | None, overrides: dict | None = None) -> Settings:
     """Read a TOML (or JSON) config, apply CLI overrides, validate; raise ConfigError."""
     raw: dict = {}
@@ -186,10 +198,9 @@ def load_settings(path: Path | None, overrides: dict | None = None) -> Settings:
             ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a table")
-        base = path.parent
         for model in raw.get("models") or []:
             if isinstance(model, dict) and isinstance(model.get("path"), str):
-                model["path"] = str(base / Path(model["path"]).expanduser())
+                model["path"] = str(_model_path(model["path"], path.parent))
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return Settings.model_validate(raw)
