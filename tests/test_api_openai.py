@@ -165,7 +165,8 @@ def test_json_object_mode_gives_json(server) -> None:
         assert reply.choices[0].text.lstrip().startswith("{")
 
 
-def test_multibyte_utf8_streams_whole_characters(server) -> None:
+def _forced_stream(server, **extra: object) -> list:
+    """Streamed choices of a completion whose text the grammar forces to be FORCED, quoted."""
     stream = server.openai.completions.create(
         model="tiny",
         prompt="say",
@@ -173,23 +174,19 @@ def test_multibyte_utf8_streams_whole_characters(server) -> None:
         temperature=0,
         stream=True,
         extra_body={"response_format": FORCE_SCHEMA},
+        **extra,
     )
-    pieces = [c.choices[0].text for c in stream if c.choices]
+    return [c.choices[0] for c in stream if c.choices]
+
+
+def test_multibyte_utf8_streams_whole_characters(server) -> None:
+    pieces = [choice.text for choice in _forced_stream(server)]
     assert "".join(pieces) == json.dumps(FORCED, ensure_ascii=False)
     assert all("\ufffd" not in piece for piece in pieces)
 
 
 def test_stop_string_never_leaks_into_the_stream(server) -> None:
-    stream = server.openai.completions.create(
-        model="tiny",
-        prompt="say",
-        max_tokens=100,
-        temperature=0,
-        stream=True,
-        stop=["STOP"],
-        extra_body={"response_format": FORCE_SCHEMA},
-    )
-    chunks = [c.choices[0] for c in stream if c.choices]
+    chunks = _forced_stream(server, stop=["STOP"])
     text = "".join(c.text for c in chunks)
     assert text == '"héllo € wörld 東京 '
     assert chunks[-1].finish_reason == "stop"

@@ -64,8 +64,14 @@ class ResponseFormat:
         body["usage"] = usage(prompt_tokens, completion_tokens)
         return body
 
-    def body(self, results: list[ChoiceResult], prompt_tokens: int, completion_tokens: int):
+    def _choice(self, index: int, result: ChoiceResult) -> dict:
         raise NotImplementedError
+
+    def body(self, results: list[ChoiceResult], prompt_tokens: int, completion_tokens: int):
+        """The whole (non-streamed) response."""
+        body = self._envelope(self.object_name, [self._choice(i, r) for i, r in enumerate(results)])
+        body["usage"] = usage(prompt_tokens, completion_tokens)
+        return body
 
 
 class ChatFormat(ResponseFormat):
@@ -122,19 +128,13 @@ class ChatFormat(ResponseFormat):
             ],
         )
 
-    def body(self, results, prompt_tokens, completion_tokens) -> dict:
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(r.text), "refusal": None},
-                "logprobs": self._logprobs(r.logprobs),
-                "finish_reason": r.finish_reason,
-            }
-            for i, r in enumerate(results)
-        ]
-        body = self._envelope(self.object_name, choices)
-        body["usage"] = usage(prompt_tokens, completion_tokens)
-        return body
+    def _choice(self, index: int, result: ChoiceResult) -> dict:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": "".join(result.text), "refusal": None},
+            "logprobs": self._logprobs(result.logprobs),
+            "finish_reason": result.finish_reason,
+        }
 
 
 class TextFormat(ResponseFormat):
@@ -171,16 +171,10 @@ class TextFormat(ResponseFormat):
             ],
         )
 
-    def body(self, results, prompt_tokens, completion_tokens) -> dict:
-        choices = [
-            {
-                "index": i,
-                "text": "".join(r.text),
-                "logprobs": self._logprobs(r.logprobs),
-                "finish_reason": r.finish_reason,
-            }
-            for i, r in enumerate(results)
-        ]
-        body = self._envelope(self.object_name, choices)
-        body["usage"] = usage(prompt_tokens, completion_tokens)
-        return body
+    def _choice(self, index: int, result: ChoiceResult) -> dict:
+        return {
+            "index": index,
+            "text": "".join(result.text),
+            "logprobs": self._logprobs(result.logprobs),
+            "finish_reason": result.finish_reason,
+        }

@@ -124,25 +124,38 @@ async def generate(
             ticket.release()
 
 
-async def _collect(
-    events: RequestStream, fmt: ResponseFormat, tracker: RequestTracker, prompt_tokens: int
-) -> dict:
-    results = [ChoiceResult() for _ in range(events.request.n)]
-    completion_tokens = 0
+class _DecodeFailed(Exception):
+    pass
+
+
+async def _deltas(events: RequestStream, tracker: RequestTracker) -> AsyncIterator[ChoiceDelta]:
+    """The request's token deltas until every choice has finished."""
     while not events.done:
         event = await events.next()
         if not isinstance(event, ChoiceDelta):
             continue
         if event.finish_reason == "error":
             tracker.failed("decode")
-            raise APIError(500, DECODE_ERROR_MESSAGE, code="decode_failed")
-        result = results[event.index]
-        completion_tokens += event.new_tokens
-        result.text.append(event.text)
-        result.logprobs.extend(event.logprobs)
-        result.finish_reason = event.finish_reason or result.finish_reason
-        if event.text:
-            tracker.delivered()
+            raise _DecodeFailed
+        yield event
+
+
+async def _collect(
+    events: RequestStream, fmt: ResponseFormat, tracker: RequestTracker, prompt_tokens: int
+) -> dict:
+    results = [ChoiceResult() for _ in range(events.request.n)]
+    completion_tokens = 0
+    try:
+        async for delta in _deltas(events, tracker):
+            result = results[delta.index]
+            completion_tokens += delta.new_tokens
+            result.text.append(delta.text)
+            result.logprobs.extend(delta.logprobs)
+            result.finish_reason = delta.finish_reason or result.finish_reason
+            if delta.text:
+                tracker.delivered()
+    except _DecodeFailed:
+        raise APIError(500, DECODE_ERROR_MESSAGE, code="decode_failed") from None
     tracker.finished(prompt_tokens, completion_tokens, [r.finish_reason or "" for r in results])
     return fmt.body(results, prompt_tokens, completion_tokens)
 
@@ -160,25 +173,19 @@ async def _stream(
     try:
         for chunk in fmt.opening_chunks(events.request.n):
             yield _sse(chunk)
-        while not events.done:
-            event = await events.next()
-            if not isinstance(event, ChoiceDelta):
-                continue
-            if event.finish_reason == "error":
-                tracker.failed("decode")
-                yield _sse(error_body(500, DECODE_ERROR_MESSAGE, code="decode_failed"))
-                break
-            completion_tokens += event.new_tokens
-            if event.finish_reason:
-                reasons.append(event.finish_reason)
-            if event.text or event.finish_reason or event.logprobs:
-                yield _sse(fmt.chunk(event.index, event.text, event.logprobs, event.finish_reason))
-                if event.text:
+        async for delta in _deltas(events, tracker):
+            completion_tokens += delta.new_tokens
+            if delta.finish_reason:
+                reasons.append(delta.finish_reason)
+            if delta.text or delta.finish_reason or delta.logprobs:
+                yield _sse(fmt.chunk(delta.index, delta.text, delta.logprobs, delta.finish_reason))
+                if delta.text:
                     tracker.delivered()
-        else:
-            tracker.finished(prompt_tokens, completion_tokens, reasons)
-            if include_usage:
-                yield _sse(fmt.usage_chunk(prompt_tokens, completion_tokens))
+        tracker.finished(prompt_tokens, completion_tokens, reasons)
+        if include_usage:
+            yield _sse(fmt.usage_chunk(prompt_tokens, completion_tokens))
+    except _DecodeFailed:
+        yield _sse(error_body(500, DECODE_ERROR_MESSAGE, code="decode_failed"))
     except WorkerGone:
         tracker.failed("worker_exit")
         yield _sse(error_body(500, WORKER_GONE_MESSAGE, code="model_crashed"))
