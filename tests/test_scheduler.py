@@ -99,3 +99,22 @@ def test_refusals_name_the_problem(scheduler) -> None:
     too_many = scheduler.submit(_generate("y", "hello", 5, n=5))
     assert isinstance(too_many, Rejected) and too_many.param == "n"
     assert not scheduler.has_work()
+
+
+def test_greedy_fast_path_matches_llama_greedy_sampler(scheduler) -> None:
+    """Plain greedy takes an argmax shortcut; a no-op logit bias forces the llama.cpp chain."""
+
+    def run(params: SamplingParams) -> list[int]:
+        scheduler.submit(Generate("g", "the dog", 1, params))
+        tokens: list[int] = []
+        while scheduler.has_work():
+            scheduler.step()
+            tokens += [c.next_token for c in scheduler.running]
+        return tokens
+
+    fast = run(SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    chain = run(
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias=((5, 0.0),))
+    )
+    assert fast == chain
+    assert len(fast) == 11  # the last token finishes the choice and leaves `running`

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from multiserve.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -18,19 +20,20 @@ from multiserve.config import (
 
 
 def _parser() -> argparse.ArgumentParser:
+    models_from = argparse.ArgumentParser(add_help=False)
+    models_from.add_argument("--config", type=Path, help="TOML or JSON config file")
+    models_from.add_argument("--model", type=Path, help="a GGUF file (beside the config's)")
+    models_from.add_argument("--model-id", help="id to serve --model under (default: file stem)")
+    models_from.add_argument("--parallel", type=int, default=8, help="sequence slots for --model")
+    models_from.add_argument("--ctx", type=int, default=4096, help="context per sequence, --model")
+
     parser = argparse.ArgumentParser(prog="multiserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
-    serve.add_argument("--config", type=Path, help="TOML or JSON config file")
-    serve.add_argument("--model", type=Path, help="a GGUF file to serve (beside the config's)")
-    serve.add_argument("--model-id", help="id to serve --model under (default: file name)")
+    serve = sub.add_parser("serve", parents=[models_from], help="run the OpenAI-compatible server")
     serve.add_argument("--host", help=f"bind address (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--threads", type=int, help="compute threads (default: physical cores)")
-    serve.add_argument("--parallel", type=int, default=8, help="sequence slots for --model")
-    serve.add_argument("--ctx", type=int, default=4096, help="context per sequence for --model")
-    models = sub.add_parser("models", help="list a config's models: size, memory, state")
-    models.add_argument("--config", type=Path, help="TOML or JSON config file")
+    sub.add_parser("models", parents=[models_from], help="list models: size, memory, state")
     return parser
 
 
@@ -38,7 +41,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     """The config file, plus `--model` (or, with no models at all, the embedded default)."""
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "threads")}
     settings = load_settings(args.config, overrides)
-    model = getattr(args, "model", None)
+    model = args.model
     if model is None and settings.models:
         return settings
     if model is None:
@@ -49,10 +52,19 @@ def _settings(args: argparse.Namespace) -> Settings:
         if not model.is_file():
             raise ConfigError(f"--model: file not found: {model}")
         model_id = args.model_id or model.stem
-    spec = ModelSpec(
-        id=model_id, path=model.resolve(), n_parallel=args.parallel, n_ctx=args.ctx, preload=True
-    )
-    return settings.model_copy(update={"models": [spec, *settings.models]})
+    try:
+        spec = ModelSpec(
+            id=model_id,
+            path=model.resolve(),
+            n_parallel=args.parallel,
+            n_ctx=args.ctx,
+            preload=True,
+        )
+        return Settings(**{**dict(settings), "models": [spec, *settings.models]})
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"]) or "model"
+        raise ConfigError(f"command line: {where}: {problem['msg']}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -84,7 +96,7 @@ def _models(args: argparse.Namespace) -> int:
     from multiserve.fleet.gguf_header import GGUFError, read_header
     from multiserve.fleet.memory import estimate_memory, format_bytes
 
-    settings = load_settings(args.config)
+    settings = _settings(args)
     table = Table("id", "aliases", "file size", "estimated memory", "state")
     for spec in settings.models:
         size = estimate = "-"

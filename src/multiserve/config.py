@@ -10,7 +10,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -46,7 +46,7 @@ class SamplingDefaults(BaseModel):
 
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=1 << 20)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -62,7 +62,12 @@ class ModelSpec(BaseModel):
 
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     path: Path
-    aliases: tuple[str, ...] = ()
+    aliases: tuple[
+        Annotated[
+            str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+        ],
+        ...,
+    ] = ()
     n_ctx: int = Field(default=4096, ge=64, le=1 << 20, description="context per sequence")
     n_parallel: int = Field(default=8, ge=1, le=256, description="sequence slots")
     step_tokens: int = Field(
@@ -78,6 +83,15 @@ class ModelSpec(BaseModel):
     queue_limit: int = Field(default=32, ge=0, le=100_000, description="requests beyond slots")
     queue_timeout: float = Field(default=60.0, gt=0, description="seconds a request may wait")
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+
+    @model_validator(mode="after")
+    def _batch_holds_every_sequence(self) -> ModelSpec:
+        if self.step_tokens < self.n_parallel:
+            raise ValueError(
+                f"step_tokens ({self.step_tokens}) must be at least n_parallel "
+                f"({self.n_parallel}): every running sequence needs a token in each step"
+            )
+        return self
 
     @property
     def names(self) -> tuple[str, ...]:

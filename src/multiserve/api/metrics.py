@@ -25,6 +25,7 @@ class ModelStats:
     requests: int = 0
     succeeded: int = 0
     failed: int = 0
+    refused: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
     ttft: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
@@ -110,6 +111,11 @@ class Metrics:
         )
         self.stats: dict[str, ModelStats] = {model_id: ModelStats() for model_id in fleet.entries}
 
+    def refused(self, model_id: str, kind: str) -> None:
+        """A request refused before it was admitted (queue full, model unavailable)."""
+        self.stats[model_id].refused += 1
+        self.failed.labels(model_id, kind).inc()
+
     def track(self, model_id: str) -> RequestTracker:
         self.stats[model_id].requests += 1
         return RequestTracker(self, model_id)
@@ -144,6 +150,7 @@ class Metrics:
                     "total": stats.requests,
                     "succeeded": stats.succeeded,
                     "failed": stats.failed,
+                    "refused": stats.refused,
                     "running": client.running if client else 0,
                     "waiting": client.waiting if client else 0,
                     "in_flight": client.in_flight if client else 0,

@@ -54,11 +54,13 @@ def _unavailable(exc: ModelUnavailable) -> APIError:
 
 async def _admitted(state: ServerState, body: SamplingRequest) -> tuple[ModelEntry, Ticket]:
     entry = _entry(state, body.model)
-    if body.n > state.settings.max_n:
-        raise APIError(400, f"n must be at most {state.settings.max_n}", param="n")
+    limit = min(state.settings.max_n, entry.spec.n_parallel)
+    if body.n > limit:
+        raise APIError(400, f"n must be at most {limit} for model `{entry.spec.id}`", param="n")
     try:
         return entry, state.fleet.admit(entry)
     except Overloaded as exc:
+        state.metrics.refused(entry.spec.id, "queue_full")
         raise APIError(
             503,
             f"Model `{entry.spec.id}` is overloaded; retry later.",
@@ -66,6 +68,7 @@ async def _admitted(state: ServerState, body: SamplingRequest) -> tuple[ModelEnt
             headers={"Retry-After": str(exc.retry_after)},
         ) from None
     except ModelUnavailable as exc:
+        state.metrics.refused(entry.spec.id, "model_unavailable")
         raise _unavailable(exc) from None
 
 
@@ -117,6 +120,7 @@ async def _complete(request: Request, body: SamplingRequest, build) -> Response:
     state = _state(request)
     arrived = time.monotonic()
     entry, ticket = await _admitted(state, body)
+    tracker = state.metrics.track(entry.spec.id)  # latencies count from arrival, loads included
     try:
         deadline = arrived + entry.spec.queue_timeout
         engine = await _engine(state, entry, ticket, deadline)
@@ -130,10 +134,14 @@ async def _complete(request: Request, body: SamplingRequest, build) -> Response:
             parse_special=True,
             queue_deadline=deadline,
         )
+    except APIError as exc:
+        ticket.release()
+        tracker.failed(exc.code or "invalid_request")
+        raise
     except BaseException:
         ticket.release()
+        tracker.failed("client_disconnected")
         raise
-    tracker = state.metrics.track(entry.spec.id)
     return await generate(
         request,
         engine,

@@ -98,10 +98,10 @@ class Runtime:
         ctx_params.no_perf = True
         ctx_params.type_k = _KV_TYPES[config.kv_cache_type]
         ctx_params.type_v = _KV_TYPES[config.kv_cache_type]
+        # llama.cpp stores a quantized V cache only with flash attention, so those imply it
+        use_flash = config.flash_attn or config.kv_cache_type != "f16"
         ctx_params.flash_attn_type = (
-            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if config.flash_attn
-            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if use_flash else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         ctx = ll.llama_init_from_model(model, ctx_params)
         if not ctx:
@@ -185,8 +185,12 @@ class Runtime:
 
     def logits(self, batch_index: int) -> np.ndarray:
         """A copy of the logits at one output position of the last decode."""
+        return self.logits_view(batch_index).copy()
+
+    def logits_view(self, batch_index: int) -> np.ndarray:
+        """The logits in llama.cpp's buffer, valid only until the next decode."""
         ptr = ll.llama_get_logits_ith(self.ctx, batch_index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def forget(self, seq: int) -> None:
         """Free a sequence's KV cells at once so the slot and its memory can be reused."""

@@ -36,6 +36,7 @@ class Sampler:
     """A llama.cpp sampler chain owned by one choice; `free` it when the choice ends."""
 
     def __init__(self, runtime: Runtime, params: SamplingParams, grammar: str | None, seed: int):
+        self._argmax_only = False
         self._chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if params.logit_bias:
             self._bias = (ll.llama_logit_bias * len(params.logit_bias))()
@@ -63,6 +64,9 @@ class Sampler:
                 )
             )
         if params.temperature <= 0.0:
+            # plain greedy needs no chain: an argmax over llama.cpp's logits is ten times
+            # cheaper than the chain copying all of a large vocabulary into candidates
+            self._argmax_only = ll.llama_sampler_chain_n(self._chain) == 0
             self._add(ll.llama_sampler_init_greedy())
             return
         if params.top_k > 0:
@@ -79,6 +83,8 @@ class Sampler:
 
     def sample(self, runtime: Runtime, batch_index: int) -> int:
         """Pick and accept the next token from the logits at `batch_index` of the last decode."""
+        if self._argmax_only:
+            return int(runtime.logits_view(batch_index).argmax())
         return ll.llama_sampler_sample(self._chain, runtime.ctx, batch_index)
 
     def free(self) -> None:

@@ -9,7 +9,6 @@ unload after their TTL; pinned ones never leave.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing as mp
 import time
@@ -117,8 +116,10 @@ class Fleet:
         self._reaper = asyncio.create_task(self._reap_idle())
         for entry in self.entries.values():
             if entry.spec.preload and entry.state is not ModelState.FAILED:
-                with contextlib.suppress(ModelUnavailable):  # shown in /health and /v1/models
+                try:
                     await self.engine(entry)
+                except ModelUnavailable as exc:  # the others still serve; /health shows it
+                    log.error("preload of %s skipped: %s", entry.spec.id, exc)
 
     async def stop(self) -> None:
         """Stop every worker (server shutdown)."""
@@ -142,12 +143,11 @@ class Fleet:
         if entry.client is not None and entry.client.alive:
             return entry.client
         if entry.loading is None:
-            wait = entry.retry_at - time.monotonic()
-            if entry.state is ModelState.FAILED and wait > 0:
+            if entry.state is ModelState.FAILED and entry.retry_at > time.monotonic():
                 raise ModelUnavailable(
                     f"model `{entry.spec.id}` is unavailable ({entry.error}); next load attempt "
-                    f"in {wait:.0f}s",
-                    retry_after=max(1, round(wait)),
+                    f"in {self._backoff(entry)}s",
+                    retry_after=self._backoff(entry),
                 )
             entry.loading = asyncio.create_task(self._load(entry))
         return await asyncio.shield(entry.loading)
@@ -176,7 +176,9 @@ class Fleet:
             log.info("loaded %s in %.2fs", spec.id, time.perf_counter() - started)
         except WorkerLoadError as exc:
             self._mark_failed(entry, f"failed to load: {exc}")
-            raise ModelUnavailable(f"model `{spec.id}` {entry.error}", retry_after=1) from None
+            raise ModelUnavailable(
+                f"model `{spec.id}` {entry.error}", self._backoff(entry)
+            ) from None
         finally:
             entry.loading = None
         entry.client, entry.state, entry.failures = client, ModelState.LOADED, 0
@@ -194,7 +196,7 @@ class Fleet:
             self._mark_failed(entry, f"model file cannot be read ({exc.strerror})")
         else:
             return estimate_memory(header, entry.spec)
-        raise ModelUnavailable(f"model `{entry.spec.id}` {entry.error}", retry_after=1)
+        raise ModelUnavailable(f"model `{entry.spec.id}` {entry.error}", self._backoff(entry))
 
     async def _make_room(self, entry: ModelEntry, needed: int) -> None:
         """Evict idle, unpinned models, least recently used first, until `needed` bytes fit."""
@@ -222,6 +224,11 @@ class Fleet:
             victim = min(idle, key=lambda e: e.admission.last_used)
             log.info("evicting %s to make room for %s", victim.spec.id, entry.spec.id)
             await self._stop_worker(victim)
+
+    @staticmethod
+    def _backoff(entry: ModelEntry) -> int:
+        """Seconds until the next load attempt of a failed model."""
+        return max(1, round(entry.retry_at - time.monotonic()))
 
     def _mark_failed(self, entry: ModelEntry, error: str) -> None:
         entry.state, entry.error, entry.client = ModelState.FAILED, error, None
