@@ -100,6 +100,14 @@ n_parallel = 16
 step_tokens = 64
 
 [[models]]
+id = "tiny-q8"
+path = "tiny-wide.gguf"
+n_ctx = 256
+n_parallel = 4
+step_tokens = 64
+kv_cache_type = "q8_0"
+
+[[models]]
 id = "tiny-2slots"
 path = "tiny.gguf"
 n_ctx = 8192
@@ -109,7 +117,13 @@ step_tokens = 64
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model: Path, model_dir: Path) -> Iterator[RunningServer]:
+def wide_tiny_model(model_dir: Path) -> Path:
+    """Heads 32 wide: llama.cpp's quantized KV blocks are 32 elements."""
+    return write_tiny_model(model_dir / "tiny-wide.gguf", seed=1, n_embd=128)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: Path, wide_tiny_model: Path, model_dir: Path) -> Iterator[RunningServer]:
     """One server for the read-mostly end-to-end tests, serving two tiny models."""
     config = model_dir / "multiserve.toml"
     config.write_text(TINY_CONFIG)

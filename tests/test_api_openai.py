@@ -228,3 +228,10 @@ def test_completion_logprobs_follow_greedy_choice(server) -> None:
 def test_token_id_prompt(server) -> None:
     reply = server.openai.completions.create(model="tiny", prompt=[1, HELLO], max_tokens=2)
     assert reply.usage.prompt_tokens == 2
+
+
+def test_quantized_kv_cache_model_serves(server) -> None:
+    reply = server.openai.completions.create(
+        model="tiny-q8", prompt="hello", max_tokens=8, extra_body={"ignore_eos": True}
+    )
+    assert reply.usage.completion_tokens == 8

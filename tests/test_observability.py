@@ -9,7 +9,7 @@ def test_models_lists_every_configured_model_with_state(server) -> None:
         data = http.get("/v1/models").json()
     assert data["object"] == "list"
     cards = {card["id"]: card for card in data["data"]}
-    assert set(cards) == {"tiny", "tiny-2slots"}
+    assert set(cards) == {"tiny", "tiny-q8", "tiny-2slots"}
     assert cards["tiny"]["state"] == "loaded"
     assert cards["tiny"]["aliases"] == ["tiny-alias"]
     assert server.openai.models.retrieve("tiny-alias").id == "tiny"
@@ -19,7 +19,7 @@ def test_health(server) -> None:
     with server.http() as http:
         body = http.get("/health").json()
     assert body["status"] == "ok"
-    assert set(body["models"]) == {"tiny", "tiny-2slots"}
+    assert set(body["models"]) == {"tiny", "tiny-q8", "tiny-2slots"}
 
 
 def test_stats_count_requests_tokens_and_latency(server) -> None:
