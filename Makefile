@@ -1,5 +1,5 @@
 # The two commands of the README. Each does its own setup (venv, llama.cpp build, install).
-.PHONY: install serve test lint bench
+.PHONY: install serve test bench
 
 install:
 	@bash scripts/install.sh
@@ -11,5 +11,8 @@ test: install
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/python -m pytest
 
-bench: install
+bench:
+	@MULTISERVE_EXTRAS=test,bench bash scripts/install.sh
 	.venv/bin/python benchmarks/serving_core.py
+	.venv/bin/python benchmarks/fleet.py
+	.venv/bin/python benchmarks/peers.py
