@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -67,12 +68,28 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise ConfigError(f"command line: {where}: {problem['msg']}") from None
 
 
+def exposure_warning(settings: Settings) -> str | None:
+    """What to shout when the server would be open to the network without API keys."""
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    if loopback or settings.all_api_keys():
+        return None
+    return (
+        f"binding {settings.host} with no API keys: anyone who can reach this port can use "
+        "every model. Set api_keys (or MULTISERVE_API_KEYS)."
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from multiserve.api.app import create_app
 
     settings = _settings(args)
+    if warning := exposure_warning(settings):
+        print(f"multiserve: WARNING: {warning}", file=sys.stderr)
     app = create_app(settings)
     print(
         f"multiserve: serving {', '.join(s.id for s in settings.models)} on "

@@ -113,6 +113,11 @@ class Settings(BaseModel):
     max_loaded_models: int | None = Field(default=None, ge=1)
     load_timeout: float = Field(default=120.0, gt=0, description="seconds a model load may take")
     share_cores: bool = Field(default=True, description="busy models take turns on the cores")
+    api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys")
+    api_keys_file: Path | None = Field(default=None, description="file with one key per line")
+    metrics_public: bool = Field(default=False, description="serve /metrics without a key")
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed")
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024, le=2**30)
     models: list[ModelSpec] = Field(default_factory=list)
 
     @field_validator("memory_budget", mode="before")
@@ -131,6 +136,18 @@ class Settings(BaseModel):
                     raise ValueError(f"model name {name!r} is used twice")
                 seen.add(name)
         return self
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from the config, the MULTISERVE_API_KEYS variable (comma-separated) and the file."""
+        keys = list(self.api_keys)
+        keys += [k for k in os.environ.get("MULTISERVE_API_KEYS", "").split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError(f"api_keys_file: cannot read it: {exc.strerror}") from None
+            keys += [line for line in lines if line.strip() and not line.startswith("#")]
+        return [k.strip() for k in keys]
 
     def threads_for(self, spec: ModelSpec) -> int:
         return spec.threads or self.threads

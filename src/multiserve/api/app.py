@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from multiserve import __version__
 from multiserve.api.errors import install_error_handlers
 from multiserve.api.metrics import Metrics
 from multiserve.api.routes import ServerState, router
+from multiserve.api.security import ApiKeyAuth, BodyLimit
 from multiserve.config import Settings
 from multiserve.fleet.manager import Fleet
 
@@ -32,4 +34,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.server = ServerState(settings, fleet, Metrics(fleet), time.time())
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    keys = settings.all_api_keys()
+    if keys:
+        public = {"/health"} | ({"/metrics"} if settings.metrics_public else set())
+        app.add_middleware(ApiKeyAuth, keys=keys, public_paths=frozenset(public))
+    if settings.cors_origins:  # browsers only; credentials never go with a wildcard origin
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials="*" not in settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
     return app

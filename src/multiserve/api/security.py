@@ -1,0 +1,106 @@
+"""Edge protections, as plain ASGI middleware so streamed responses pass through untouched.
+
+API keys (`Authorization: Bearer`), compared in constant time, guard every route but /health
+(and /metrics when configured public); request bodies are capped before they are read whole.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, Iterable
+
+from multiserve.api.errors import error_body
+
+ASGIApp = Callable[
+    [dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]
+]
+
+
+async def _send_error(send, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()):
+    body = json.dumps(error_body(status, message)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeyAuth:
+    """401 with an OpenAI error body unless the request carries one of the keys."""
+
+    def __init__(self, app: ASGIApp, keys: list[str], public_paths: frozenset[str]) -> None:
+        self.app = app
+        self._keys = [key.encode() for key in keys]
+        self._public = public_paths
+
+    def _authorized(self, scope: dict) -> bool:
+        header = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        # compare against every key, so the time taken says nothing about which matched
+        matches = [hmac.compare_digest(token.strip(), key) for key in self._keys]
+        return any(matches)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._public or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        await _send_error(
+            send,
+            401,
+            "Invalid or missing API key; send 'Authorization: Bearer <key>'.",
+            [(b"www-authenticate", b"Bearer")],
+        )
+
+
+class BodyLimit:
+    """413 for a body over the limit, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await _send_error(send, 413, f"Request body larger than {self.max_bytes} bytes.")
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_error(send, 413, f"Request body larger than {self.max_bytes} bytes.")
+
+
+class _TooLarge(BaseException):
+    """Not an Exception: FastAPI turns body-reading Exceptions into a 400 before we see them."""

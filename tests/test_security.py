@@ -1,0 +1,106 @@
+"""API keys, body limits, CORS and the loud warning for an open non-loopback bind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import AuthenticationError, OpenAI
+
+from conftest import run_server
+from multiserve.cli import exposure_warning
+from multiserve.config import Settings
+
+KEYS = ("k-one", "k-two")
+
+
+@pytest.fixture(scope="module")
+def locked_server(tiny_model: Path, model_dir: Path):
+    keys_file = model_dir / "keys.txt"
+    keys_file.write_text("# operators\nk-from-file\n")
+    config = model_dir / "locked.toml"
+    config.write_text(
+        f'threads = 1\napi_keys = ["{KEYS[0]}", "{KEYS[1]}"]\napi_keys_file = "{keys_file}"\n'
+        'max_body_bytes = 4096\ncors_origins = ["https://app.example"]\n'
+        '[[models]]\nid = "tiny"\npath = "tiny.gguf"\nn_ctx = 256\n'
+    )
+    with run_server(["--config", str(config)], model_dir) as server:
+        yield server
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_every_key_source_works(locked_server) -> None:
+    for key in (*KEYS, "k-from-file"):
+        client = OpenAI(base_url=f"{locked_server.url}/v1", api_key=key, max_retries=0)
+        assert client.models.list().data[0].id == "tiny"
+
+
+def test_missing_or_wrong_key_is_401_everywhere_but_health(locked_server) -> None:
+    with httpx.Client(base_url=locked_server.url) as http:
+        assert http.get("/health").status_code == 200
+        for path in ("/v1/models", "/stats", "/metrics"):
+            error = _error(http.get(path), 401)
+            assert error["type"] == "authentication_error"
+        wrong = {"Authorization": "Bearer k-one-but-longer"}
+        _error(
+            http.post("/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=wrong), 401
+        )
+        _error(http.get("/v1/models", headers={"Authorization": "Basic k-one"}), 401)
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{locked_server.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_oversized_body_is_413_and_the_server_carries_on(locked_server) -> None:
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    with httpx.Client(base_url=locked_server.url, headers=headers) as http:
+        big = {"model": "tiny", "prompt": "x" * 10_000}
+        error = _error(http.post("/v1/completions", json=big), 413)
+        assert "4096" in error["message"]
+
+        def chunks():  # no Content-Length: the limit must hold while streaming the body
+            yield b'{"model": "tiny", "prompt": "'
+            for _ in range(20):
+                yield b"y" * 512
+            yield b'"}'
+
+        _error(
+            http.post(
+                "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+            ),
+            413,
+        )
+        ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_cors_only_for_configured_origins(locked_server) -> None:
+    with httpx.Client(base_url=locked_server.url) as http:
+        preflight = {"Access-Control-Request-Method": "POST"}
+        allowed = http.options(
+            "/v1/completions", headers={**preflight, "Origin": "https://app.example"}
+        )
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        denied = http.options(
+            "/v1/completions", headers={**preflight, "Origin": "https://evil.example"}
+        )
+        assert "access-control-allow-origin" not in denied.headers
+
+
+def test_no_cors_headers_by_default(server) -> None:
+    with server.http() as http:
+        response = http.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_open_non_loopback_bind_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MULTISERVE_API_KEYS", raising=False)
+    assert exposure_warning(Settings(host="127.0.0.1")) is None
+    assert exposure_warning(Settings(host="::1")) is None
+    assert exposure_warning(Settings(host="0.0.0.0", api_keys=["k"])) is None
+    warning = exposure_warning(Settings(host="0.0.0.0"))
+    assert warning is not None and "0.0.0.0" in warning and "API keys" in warning
