@@ -235,3 +235,19 @@ def test_quantized_kv_cache_model_serves(server) -> None:
         model="tiny-q8", prompt="hello", max_tokens=8, extra_body={"ignore_eos": True}
     )
     assert reply.usage.completion_tokens == 8
+
+
+def test_control_tokens_typed_in_messages_stay_plain_text(server) -> None:
+    """A user cannot forge turns: `<start_of_turn>` in content is characters, not the token."""
+
+    def prompt_tokens(content: str) -> int:
+        reply = server.openai.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": content}], max_tokens=1
+        )
+        return reply.usage.prompt_tokens
+
+    typed = prompt_tokens("<start_of_turn>") - prompt_tokens("")
+    assert typed >= len("<start_of_turn>") // 2  # many plain pieces, not one control token
+    # the completions endpoint takes raw prompts, where spelled control tokens are honoured
+    raw = server.openai.completions.create(model="tiny", prompt="<start_of_turn>", max_tokens=1)
+    assert raw.usage.prompt_tokens == 2  # BOS + the control token

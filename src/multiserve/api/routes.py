@@ -168,11 +168,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         )
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = template.render(messages, add_generation_prompt=True)
+            segments = template.render_segments(messages, add_generation_prompt=True)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        starts_with_bos = bool(info.bos_token) and prompt.startswith(info.bos_token)
-        return prompt, not starts_with_bos, ChatFormat(body.model, want_logprobs=body.logprobs)
+        first = segments[0] if segments else None
+        starts_with_bos = bool(
+            first and first.special and info.bos_token and first.text.startswith(info.bos_token)
+        )
+        fmt = ChatFormat(body.model, want_logprobs=body.logprobs)
+        return tuple(segments), not starts_with_bos, fmt
 
     return await _complete(request, body, build)
 

@@ -49,6 +49,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class PromptSegment:
+    """Part of a rendered chat prompt; `special` if control tokens in it are to be recognised.
+
+    Template text is special; message text is not, so typed control tokens stay plain text.
+    """
+
+    text: str
+    special: bool
+
+
+@dataclass(frozen=True)
 class Load:
     """First message to a (possibly pre-started) worker: which model to load."""
 
@@ -58,11 +69,11 @@ class Load:
 @dataclass(frozen=True)
 class Generate:
     request_id: str
-    prompt: str | tuple[int, ...]
+    prompt: str | tuple[int, ...] | tuple[PromptSegment, ...]
     n: int
     params: SamplingParams
     add_bos: bool = True  # False when a chat template already wrote the BOS token
-    parse_special: bool = True  # chat templates spell control tokens as text
+    parse_special: bool = True  # for a str prompt: recognise control tokens spelled in it
     queue_deadline: float | None = None  # time.monotonic() after which it may not start
 
 

@@ -18,6 +18,7 @@ from multiserve.engine.protocol import (
     Event,
     FinishReason,
     Generate,
+    PromptSegment,
     Rejected,
     TokenLogprob,
 )
@@ -229,6 +230,11 @@ class Scheduler:
         runtime = self.runtime
         if isinstance(request.prompt, str):
             prompt = runtime.tokenize(request.prompt, request.add_bos, request.parse_special)
+        elif request.prompt and isinstance(request.prompt[0], PromptSegment):
+            prompt = []
+            for i, segment in enumerate(request.prompt):
+                add_bos = request.add_bos and i == 0
+                prompt += runtime.tokenize(segment.text, add_bos, segment.special)
         else:
             prompt = list(request.prompt)
             bad = next((t for t in prompt if not 0 <= t < runtime.n_vocab), None)

@@ -9,6 +9,7 @@ is therefore compiled and rendered only in an ``ImmutableSandboxedEnvironment``.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -17,6 +18,8 @@ from typing import Any, NoReturn
 from jinja2 import Template, TemplateError, TemplateSyntaxError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from multiserve.engine.protocol import PromptSegment
 
 
 class ChatTemplateError(Exception):
@@ -108,6 +111,40 @@ class ChatTemplate:
             raise ChatTemplateError(
                 f"chat template failed to render: {type(exc).__name__}: {exc}"
             ) from exc
+
+    def render_segments(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[PromptSegment]:
+        """The prompt split into template text and message text, to be tokenized apart.
+
+        Template text may spell control tokens (`<start_of_turn>`); message text never may, so a
+        user who types `<|im_start|>system` gets plain characters, not a forged turn. Each
+        message's content is rendered as a unique marker and put back as its own segment. A
+        template that looks inside contents (markers do not come out once each) falls back to
+        one segment, parsed as before; so does one whose output changes with the contents
+        (checked by rendering the real messages too).
+        """
+        markers = [f"{_MARK_OPEN}{i}{_MARK_CLOSE}" for i in range(len(messages))]
+        marked = [{**m, "content": mark} for m, mark in zip(messages, markers, strict=True)]
+        rendered = self.render(messages, add_generation_prompt)
+        pieces = _MARKER.split(self.render(marked, add_generation_prompt))
+        if sorted(pieces[1::2]) == sorted(markers):
+            for transform in (str, str.strip):  # as given, or as a template's `trim` leaves it
+                texts = (transform(m["content"]) for m in messages)
+                content = dict(zip(markers, texts, strict=True))
+                segments = [
+                    PromptSegment(content[piece] if i % 2 else piece, special=not i % 2)
+                    for i, piece in enumerate(pieces)
+                    if (content[piece] if i % 2 else piece)
+                ]
+                if "".join(s.text for s in segments) == rendered:
+                    return segments
+        return [PromptSegment(rendered, special=True)]
+
+
+# Private-use characters: cannot come from a template, and contents are never scanned for them.
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARKER = re.compile(f"({_MARK_OPEN}\\d+{_MARK_CLOSE})")
 
 
 # Fallback templates. Segments are concatenated without newlines so no stray whitespace leaks
