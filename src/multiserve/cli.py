@@ -35,7 +35,75 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--threads", type=int, help="compute threads (default: physical cores)")
     sub.add_parser("models", parents=[models_from], help="list models: size, memory, state")
+    _bench_parsers(sub)
     return parser
+
+
+def _bench_parsers(sub: argparse._SubParsersAction) -> None:
+    """`bench` and `compare`: a bounded load tester for any OpenAI-compatible server."""
+    bench = sub.add_parser(
+        "bench",
+        help="load-test an OpenAI-compatible server (vLLM bench serve metrics)",
+        description="Streamed requests against ANY OpenAI-compatible server; TTFT, TPOT, ITL, "
+        "E2EL and throughput as vLLM's `bench serve` reports them. Bounded: at most "
+        "--max-inflight requests in flight, --requests per load point, --duration seconds per "
+        "load point; stops when --max-error-rate of the last 20 requests failed.",
+    )
+    target = bench.add_argument_group("target")
+    target.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8082")
+    target.add_argument("--model", required=True, help="model id to request")
+    target.add_argument("--api-key", help="sent as `Authorization: Bearer` (never written out)")
+    target.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    target.add_argument(
+        "--precheck",
+        action="store_true",
+        help="GET /health must be 200; refuse if /stats shows a deep queue for the model",
+    )
+    work = bench.add_argument_group("workload")
+    work.add_argument("--input-tokens", type=int, default=128, help="synthetic prompt words")
+    work.add_argument("--output-tokens", type=int, default=128, help="max_tokens per request")
+    work.add_argument(
+        "--prompts-file", type=Path, help='JSONL: {"prompt": ...} or {"messages": [...]} a line'
+    )
+    work.add_argument(
+        "--seed", type=int, help="prompts and arrivals (default 0); also sent as `seed` if given"
+    )
+    work.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (non-standard)")
+    work.add_argument("--temperature", type=float, help="sampling temperature (server default)")
+    load = bench.add_argument_group("load")
+    load.add_argument("--concurrency", type=int, help="closed loop: requests kept in flight")
+    load.add_argument("--rate", type=float, help="open loop: mean requests/s (inf: no gaps)")
+    load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (1: Poisson)")
+    load.add_argument("--sweep-concurrency", metavar="N,N,..", help="e.g. 1,2,4,8")
+    load.add_argument("--sweep-rate", metavar="R,R,..", help="e.g. 0.5,1,2")
+    load.add_argument(
+        "--requests", "--max-requests", type=int, default=200, help="per load point (200)"
+    )
+    load.add_argument(
+        "--duration", "--max-duration", type=float, default=300.0, help="s per load point (300)"
+    )
+    load.add_argument("--warmup", type=int, default=1, help="untimed requests first (1)")
+    safety = bench.add_argument_group("safety")
+    safety.add_argument("--max-inflight", type=int, default=64, help="hard in-flight cap (64)")
+    safety.add_argument(
+        "--max-error-rate", type=float, default=0.5, help="stop above this (last 20) (0.5)"
+    )
+    safety.add_argument("--max-retries", type=int, default=3, help="retries of 429/503 (3)")
+    safety.add_argument("--timeout", type=float, default=120.0, help="s per request (120)")
+    report = bench.add_argument_group("report")
+    report.add_argument("--slo", help="goodput targets, e.g. ttft:500,tpot:50,e2el:3000 (ms)")
+    report.add_argument("--out", type=Path, help="results JSON file")
+    report.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots to DIR")
+    report.add_argument("--quiet", action="store_true", help="no progress bar or table")
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare bench results files side by side",
+        description="Each metric of B, C, ... against A: % change, green when better, red when "
+        "worse (throughput: higher is better; latency: lower is better).",
+    )
+    compare.add_argument("files", type=Path, nargs="+", metavar="RESULTS.json")
+    compare.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG bar chart")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -83,9 +151,8 @@ def exposure_warning(settings: Settings) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from multiserve.api.app import create_app
+    from multiserve.api.server import serve
 
     settings = _settings(args)
     if warning := exposure_warning(settings):
@@ -96,13 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"http://{settings.host}:{settings.port}",
         file=sys.stderr,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
-    )
+    serve(app, settings)
     return 0
 
 
@@ -141,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = _parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from multiserve.bench.command import run_bench
+
+            return run_bench(args)
+        if args.command == "compare":
+            from multiserve.bench.command import run_compare
+
+            return run_compare(args)
         return _serve(args) if args.command == "serve" else _models(args)
     except ConfigError as exc:
         print(f"multiserve: {exc}", file=sys.stderr)

@@ -118,6 +118,7 @@ class Settings(BaseModel):
     metrics_public: bool = Field(default=False, description="serve /metrics without a key")
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed")
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024, le=2**30)
+    drain_timeout: float = Field(default=30.0, ge=0, description="seconds to finish on SIGTERM")
     models: list[ModelSpec] = Field(default_factory=list)
 
     @field_validator("memory_budget", mode="before")

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from multiserve.api.errors import APIError, model_not_found
@@ -30,6 +30,7 @@ class ServerState:
     fleet: Fleet
     metrics: Metrics
     started: float
+    draining: bool = False
 
 
 router = APIRouter()
@@ -53,6 +54,10 @@ def _unavailable(exc: ModelUnavailable) -> APIError:
 
 
 async def _admitted(state: ServerState, body: SamplingRequest) -> tuple[ModelEntry, Ticket]:
+    if state.draining:
+        raise APIError(
+            503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"}
+        )
     entry = _entry(state, body.model)
     limit = min(state.settings.max_n, entry.spec.n_parallel)
     if body.n > limit:
@@ -235,9 +240,12 @@ async def get_model(model_id: str, request: Request) -> dict:
 
 
 @router.get("/health")
-async def health(request: Request) -> dict:
-    fleet = _state(request).fleet
-    return {"status": "ok", "models": {i: e.state.value for i, e in fleet.entries.items()}}
+async def health(request: Request) -> JSONResponse:
+    state = _state(request)
+    models = {i: e.state.value for i, e in state.fleet.entries.items()}
+    if state.draining:
+        return JSONResponse({"status": "draining", "models": models}, status_code=503)
+    return JSONResponse({"status": "ok", "models": models})
 
 
 @router.get("/stats")

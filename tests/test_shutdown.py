@@ -1,0 +1,80 @@
+"""SIGTERM drains in-flight work and exits 0; a killed API process leaves no workers behind."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from conftest import run_server
+
+
+def _config(model_dir: Path) -> Path:
+    config = model_dir / "shutdown.toml"
+    config.write_text(
+        'threads = 1\ndrain_timeout = 20\n[[models]]\nid = "tiny"\npath = "tiny.gguf"\n'
+        "n_ctx = 4096\npreload = true\n"
+    )
+    return config
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_sigterm_finishes_streams_refuses_new_work_and_exits_zero(tiny_model, model_dir) -> None:
+    with run_server(["--config", str(_config(model_dir))], model_dir) as server:
+        workers = psutil.Process(server.process.pid).children(recursive=True)
+        lines: list[str] = []
+        body = {
+            "model": "tiny",
+            "prompt": "hi",
+            "max_tokens": 3000,
+            "stream": True,
+            "ignore_eos": True,
+        }
+
+        def stream() -> None:
+            with (
+                httpx.Client(base_url=server.url, timeout=60) as http,
+                http.stream("POST", "/v1/completions", json=body) as response,
+            ):
+                lines.extend(line for line in response.iter_lines() if line)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        while not lines:
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        with server.http() as http:
+            health = http.get("/health")
+            assert health.status_code == 503
+            assert health.json()["status"] == "draining"
+            refused = http.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "shutting_down"
+        reader.join(30)
+        assert lines[-1] == "data: [DONE]"
+        assert '"finish_reason": "length"' in lines[-2]  # the stream ran to its end
+        assert server.process.wait(timeout=30) == 0
+        assert all(_gone(worker.pid) for worker in workers)
+
+
+def test_killed_api_process_takes_its_workers_along(tiny_model, model_dir) -> None:
+    with run_server(["--config", str(_config(model_dir))], model_dir) as server:
+        workers = psutil.Process(server.process.pid).children(recursive=True)
+        assert len(workers) >= 2  # the model's worker and the spare
+        server.process.kill()
+        server.process.wait()
+        deadline = time.monotonic() + 10
+        while not all(_gone(w.pid) for w in workers):
+            assert time.monotonic() < deadline, "workers outlived the API process"
+            time.sleep(0.05)
