@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import time
 
 import pytest
 
@@ -149,3 +151,40 @@ def test_remote_schema_ref_is_refused_not_fetched(http) -> None:
     error = _error(http.post("/v1/chat/completions", json=body), 400)
     assert error["param"].startswith("response_format")
     assert "$ref" in error["message"]
+
+
+def test_wrong_content_type_is_400(http) -> None:
+    response = http.post(
+        "/v1/chat/completions",
+        content=json.dumps(GOOD_CHAT),
+        headers={"content-type": "text/plain"},
+    )
+    assert response.status_code in (400, 415)
+    _error(response, response.status_code)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_400(http, literal: str) -> None:
+    raw = json.dumps({**GOOD_CHAT, "temperature": 0.5}).replace("0.5", literal)
+    response = http.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert _error(response, 400)["param"] == "temperature"
+
+
+def test_message_that_is_not_an_object_is_400(http) -> None:
+    body = {**GOOD_CHAT, "messages": ["hello"]}
+    assert _error(http.post("/v1/chat/completions", json=body), 400)["param"] == "messages[0]"
+
+
+@pytest.mark.parametrize("depth", [40, 5000])
+def test_pathologically_nested_schema_is_refused_quickly(http, depth: int) -> None:
+    schema = '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth
+    response_format = '{"type": "json_schema", "json_schema": {"name": "d", "schema": ' + schema
+    raw = json.dumps({**GOOD_CHAT, "response_format": "F"}).replace('"F"', response_format + "}}")
+    started = time.monotonic()
+    response = http.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert time.monotonic() - started < 2
+    _error(response, 400)
