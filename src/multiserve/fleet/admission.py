@@ -56,9 +56,11 @@ class Admission:
         return Ticket(self)
 
     def retry_after(self) -> int:
-        """Seconds until a place is likely free: the queue ahead drains `slots` at a time."""
-        waves = max(1, self.in_system - self.slots + 1) / self.slots
-        return max(1, min(60, math.ceil(self._mean_hold * waves)))
+        """Seconds until a place is likely free: about how long recent requests stayed.
+
+        Their stay already includes their own wait in the queue, so it is not scaled by depth.
+        """
+        return max(1, min(60, math.ceil(self._mean_hold)))
 
     def _leave(self, held: float) -> None:
         self.in_system -= 1
