@@ -71,7 +71,7 @@ def test_sigterm_finishes_streams_refuses_new_work_and_exits_zero(tiny_model, mo
 def test_killed_api_process_takes_its_workers_along(tiny_model, model_dir) -> None:
     with run_server(["--config", str(_config(model_dir))], model_dir) as server:
         workers = psutil.Process(server.process.pid).children(recursive=True)
-        assert len(workers) >= 2  # the model's worker and the spare
+        assert workers  # the model's worker (and the spare, once started)
         server.process.kill()
         server.process.wait()
         deadline = time.monotonic() + 10

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 import psutil
 
@@ -28,7 +29,16 @@ from multiserve.fleet.memory import MemoryEstimate, estimate_memory, format_byte
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 60.0
+SPARE_DELAY_SECONDS = 3.0
 TTL_CHECK_SECONDS = 1.0
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 class ModelState(StrEnum):
@@ -58,6 +68,7 @@ class ModelEntry:
     client: EngineClient | None = None
     error: str | None = None
     estimate: MemoryEstimate | None = None
+    estimated_for: tuple[int, int] | None = None  # (size, mtime) of the file estimated
     loading: asyncio.Task[EngineClient] | None = None
     draining: bool = False
     failures: int = 0
@@ -88,6 +99,7 @@ class Fleet:
         self._lease = ComputeLease(mp.get_context("spawn")) if settings.share_cores else None
         self._memory_lock = asyncio.Lock()
         self._spare: WorkerProcess | None = None
+        self._spare_timer: asyncio.TimerHandle | None = None
         self._reaper: asyncio.Task[None] | None = None
 
     # -- lookups -----------------------------------------------------------------------------
@@ -125,6 +137,8 @@ class Fleet:
         """Stop every worker (server shutdown)."""
         if self._reaper is not None:
             self._reaper.cancel()
+        if self._spare_timer is not None:
+            self._spare_timer.cancel()
         if self._spare is not None:
             self._spare.discard()
             self._spare = None
@@ -172,7 +186,7 @@ class Fleet:
                 await client.stop()
                 raise WorkerLoadError("loading took too long") from None
             finally:
-                self._spare = self._spare or WorkerProcess(self._lease)
+                self._replenish_spare()
             log.info("loaded %s in %.2fs", spec.id, time.perf_counter() - started)
         except WorkerLoadError as exc:
             self._mark_failed(entry, f"failed to load: {exc}")
@@ -185,7 +199,23 @@ class Fleet:
         entry.loads += 1
         return client
 
+    def _replenish_spare(self) -> None:
+        """Start the next spare a little later: booting it now would take CPU from the model
+        that was just loaded, at the moment its first requests need it most."""
+        if self._spare is None and self._spare_timer is None:
+            self._spare_timer = asyncio.get_running_loop().call_later(
+                SPARE_DELAY_SECONDS, self._start_spare
+            )
+
+    def _start_spare(self) -> None:
+        self._spare_timer = None
+        if self._spare is None:
+            self._spare = WorkerProcess(self._lease)
+
     async def _estimate(self, entry: ModelEntry) -> MemoryEstimate:
+        stat_key = _file_key(entry.spec.path)
+        if entry.estimate is not None and stat_key is not None and stat_key == entry.estimated_for:
+            return entry.estimate  # the same file as last time: no need to parse it again
         try:
             header = await asyncio.to_thread(read_header, entry.spec.path)
         except FileNotFoundError:
@@ -195,6 +225,7 @@ class Fleet:
         except OSError as exc:
             self._mark_failed(entry, f"model file cannot be read ({exc.strerror})")
         else:
+            entry.estimated_for = stat_key
             return estimate_memory(header, entry.spec)
         raise ModelUnavailable(f"model `{entry.spec.id}` {entry.error}", self._backoff(entry))
 
