@@ -1,0 +1,867 @@
+"""Fleet benchmark: several models on one machine — core sharing, cold start, and a request flood.
+
+    .venv/bin/python benchmarks/fleet.py [--threads 2] [--tokens 64] [--port 8094]
+                                         [--out results.json] [--only sharing,cold,flood]
+
+What it measures, each on its own `multiserve serve --config <generated toml>` subprocess bound to
+127.0.0.1 and serving the embedded model (`embedded:gemma-3-270m`) under the ids it needs:
+
+1. Core sharing. Two model ids (`m1`, `m2`, same file, 4 slots each, preloaded). Aggregate output
+   tok/s of 4 streams to m1 alone, then of 4 streams to m1 plus 4 to m2 at once. With the compute
+   lease (`share_cores = true`) two busy models should together keep >= 0.9 of what one model
+   alone gets. The same two-model load on a server with `share_cores = false` is reported beside
+   it without a target: it shows what the lease buys when both models' thread pools fight over
+   the cores.
+2. Cold start. Anchor: in a fresh spawned process, after `import llama_cpp`, the raw llama.cpp
+   work of a cold model — load the file, create a context of the server's shape, read a short
+   prompt and pick the first token greedily. Interpreter start and the import are timed and
+   reported separately, not in the anchor: the server's pre-started spare worker has already paid
+   them. multiserve: a warm server whose model is not loaded; the time from sending a streamed
+   request to its first token. Target: multiserve <= 1.5 x raw.
+3. Flood. One model with 2 slots and queue_limit 4 (capacity 6) gets 10 x capacity requests at
+   once. Every admitted request must complete with all its tokens, every other one must be
+   refused with 503 `queue_full` and a Retry-After header in under 50 ms, and nothing else may
+   come back.
+
+Why it is built this way:
+
+* Anchors run in the same invocation, on the same file, threads and context shape as the server.
+  Targets judge ratios, not absolute times: timings on small shared machines drift by tens of
+  percent from one minute to the next, and "two busy models keep 90% of one model's throughput,
+  right now, here" survives that where "N tokens/s" does not. For the same reason the two sides
+  of a ratio are interleaved round by round (one model alone, then both; anchor, then server).
+  The cold anchor runs while the server sits idle (no loaded model, a spare worker blocked on its
+  pipe), so the two never compute at the same time.
+* Every measurement is repeated three times and the median is reported, except the load
+  without the lease: one round, as its collapse can make a round take minutes.
+* Noise is measured, not only suffered: the CPU time that neither this benchmark nor its
+  children used (other processes, hypervisor steal) is printed per phase, and PASS/MISS get a
+  "?" when it exceeds 5%. The load average before each phase is printed too.
+
+Requests are streamed `/v1/completions` with `ignore_eos` and greedy sampling, so every admitted
+request produces exactly `max_tokens` tokens. Aggregate throughput is total completion tokens over
+the wall time from sending the first request to the last one finishing (prefill included). The
+flood's refusal latency is from sending a request to having read its whole 503 response, on
+connections opened beforehand, one httpx client per request (a single pool's own overhead with 60
+requests in flight is ten times the target). Only loopback traffic: the servers bind 127.0.0.1
+and the client ignores proxy settings. Helpers shared with `serving_core.py` are imported from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shlex
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from multiserve.config import EMBEDDED_MODEL
+from multiserve.models.default import default_model_path
+from serving_core import (  # benchmarks/ is sys.path[0] when this file runs as a script
+    HEALTH_TIMEOUT_S,
+    HOST,
+    REPEATS,
+    REQUEST_TIMEOUT_S,
+    WIDTH,
+    CpuSample,
+    _argmax,
+    _decode,
+    _fill,
+    _runs,
+    _silence_llama,
+    _tokenize,
+    console,
+    cpu_sample,
+    interference,
+    is_noisy,
+    log_tail,
+    machine_info,
+    port_in_use,
+    prompt_text,
+    running_server,
+)
+
+PHASES = ("sharing", "cold", "flood")
+# The context shape of the sharing and cold-start models, mirrored exactly by the cold anchor.
+SHAPE = {"n_ctx": 1024, "n_parallel": 4, "step_tokens": 256}
+STREAMS_PER_MODEL = 4
+WARMUP_TOKENS = 8
+COLD_TOKENS = 4  # the cold request only needs its first token; a few more check the stream
+SPARE_WARMUP_S = 2.0  # after /health or an unload, let a spare worker start and import
+SETTLE_TIMEOUT_S = 20.0
+SETTLE_CPU_SHARE = 0.05  # the server's process tree counts as idle below 5% of one core
+FLOOD_SLOTS = 2
+FLOOD_QUEUE_LIMIT = 4
+FLOOD_FACTOR = 10
+FLOOD_TOKENS = 16
+TARGET_SHARING = 0.9  # both busy / one alone, with the lease
+TARGET_COLD = 1.5  # multiserve first token / raw load + first token
+TARGET_REFUSAL_S = 0.050
+GREEDY_STREAM = {  # every admitted request yields exactly max_tokens tokens
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "ignore_eos": True,
+    "temperature": 0,
+}
+
+
+# -- generated configs and servers -----------------------------------------------------------
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(str(value))  # a JSON string of plain text is a valid TOML basic string
+
+
+def model_table(model_id: str, **fields: object) -> dict[str, object]:
+    return {"id": model_id, "path": EMBEDDED_MODEL, **fields}
+
+
+def write_config(
+    path: Path, threads: int, models: Sequence[dict[str, object]], share_cores: bool = True
+) -> Path:
+    lines = [f"host = {toml_value(HOST)}", f"threads = {threads}"]
+    lines.append(f"share_cores = {toml_value(share_cores)}")
+    for model in models:
+        lines += ["", "[[models]]", *(f"{k} = {toml_value(v)}" for k, v in model.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Server:
+    proc: Any  # subprocess.Popen[bytes]
+    log: Path
+    config: str  # the generated TOML, kept in the JSON report
+
+
+@contextlib.contextmanager
+def fleet_server(
+    args: argparse.Namespace,
+    tmp: Path,
+    name: str,
+    models: Sequence[dict[str, object]],
+    share_cores: bool = True,
+) -> Iterator[Server]:
+    """A server on a generated config; stopped on exit, its log shown if anything failed."""
+    config = write_config(tmp / f"{name}.toml", args.threads, models, share_cores)
+    command = [sys.executable, "-m", "multiserve", "serve", "--config", str(config)]
+    command += ["--port", str(args.port)]
+    log = tmp / f"{name}.log"
+    console.print(f"{name}: {shlex.join(command)}")
+    with running_server(command, log) as proc:
+        try:
+            yield Server(proc, log, config.read_text())
+        except Exception:
+            console.print(f"[red]{name} server log (last lines):[/red]\n{log_tail(log)}")
+            raise
+
+
+@contextlib.asynccontextmanager
+async def http_client(port: int, connections: int = 100) -> AsyncIterator[httpx.AsyncClient]:
+    options: dict[str, Any] = {
+        "base_url": f"http://{HOST}:{port}",
+        "trust_env": False,  # loopback only: never through a proxy
+        "timeout": httpx.Timeout(REQUEST_TIMEOUT_S, connect=5.0),
+        "limits": httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    }
+    async with httpx.AsyncClient(**options) as client:
+        yield client
+
+
+async def wait_ready(
+    client: httpx.AsyncClient, server: Server, loaded: Sequence[str] = ()
+) -> float:
+    """Poll /health until it answers and every model in `loaded` is loaded; seconds waited."""
+    start = time.perf_counter()
+    while True:
+        if server.proc.poll() is not None:
+            code = server.proc.returncode
+            raise RuntimeError(f"server exited with code {code}:\n{log_tail(server.log)}")
+        with contextlib.suppress(httpx.TransportError, ValueError):
+            response = await client.get("/health")
+            states = response.json().get("models", {})
+            if response.status_code == 200 and all(states.get(m) == "loaded" for m in loaded):
+                return time.perf_counter() - start
+        if time.perf_counter() - start > HEALTH_TIMEOUT_S:
+            raise TimeoutError(f"server not ready after {HEALTH_TIMEOUT_S:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process and its live children."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process(pid)
+        for proc in (parent, *parent.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system
+    return total
+
+
+def tree_sample(server: Server) -> CpuSample:
+    """A CPU sample counting the running server and its workers as ours (not yet reaped)."""
+    sample = cpu_sample()
+    return CpuSample(sample.times, sample.own_s + tree_cpu_seconds(server.proc.pid))
+
+
+def others_percent(before: CpuSample, after: CpuSample) -> float:
+    """Percent of all CPU time used by other processes or stolen, between two samples."""
+    noise = interference(before, after)
+    return noise["steal_percent"] + noise["others_percent"]
+
+
+def worker_processes(pid: int) -> int:
+    """The server's spawned worker processes (loaded models and the spare), not its helpers."""
+    count = 0
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children():
+            with contextlib.suppress(psutil.Error):
+                count += "spawn_main" in " ".join(child.cmdline())
+    return count
+
+
+async def settle(server: Server, workers: int, floor_s: float = SPARE_WARMUP_S) -> float:
+    """Wait `floor_s`, then until `workers` worker processes exist and the server is idle.
+
+    The server may start its next spare a few seconds after a load; waiting for the process
+    (not a fixed time) keeps a booting spare from competing with the anchor or the next load.
+    """
+    start = time.perf_counter()
+    await asyncio.sleep(floor_s)
+    interval = 0.25
+    while time.perf_counter() - start < SETTLE_TIMEOUT_S:
+        before = tree_cpu_seconds(server.proc.pid)
+        await asyncio.sleep(interval)
+        idle = tree_cpu_seconds(server.proc.pid) - before < SETTLE_CPU_SHARE * interval
+        if idle and worker_processes(server.proc.pid) >= workers:
+            return time.perf_counter() - start
+    raise TimeoutError(f"no idle spare worker after {SETTLE_TIMEOUT_S:.0f}s")
+
+
+# -- one streamed request --------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What came back for one request, whatever it was."""
+
+    model: str
+    status: int
+    t_send: float
+    t_response: float  # 200: headers read; otherwise: the whole error response read
+    t_end: float
+    completion_tokens: int = 0
+    t_first: float | None = None
+    code: str | None = None
+    retry_after: str | None = None
+    stream_error: str | None = None
+    done: bool = False  # saw `data: [DONE]`
+
+    @property
+    def ttft(self) -> float:
+        return (self.t_first or self.t_end) - self.t_send
+
+    @property
+    def response_s(self) -> float:
+        return self.t_response - self.t_send
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    with contextlib.suppress(ValueError, AttributeError):
+        return response.json()["error"]["code"]
+    return None
+
+
+async def _read_stream(response: httpx.Response, outcome: Outcome) -> None:
+    async for line in response.aiter_lines():
+        field, _, data = line.partition(": ")
+        if field != "data":
+            continue
+        if data == "[DONE]":
+            outcome.done = True
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            outcome.stream_error = str(chunk["error"])
+        if chunk.get("usage"):
+            outcome.completion_tokens = chunk["usage"]["completion_tokens"]
+        if outcome.t_first is None and any(c.get("text") for c in chunk.get("choices") or ()):
+            outcome.t_first = time.perf_counter()
+
+
+async def send(client: httpx.AsyncClient, model: str, prompt: str, tokens: int) -> Outcome:
+    """One streamed greedy completion of `tokens` tokens; never raises on an HTTP status."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, **GREEDY_STREAM}
+    t_send = time.perf_counter()
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            now = time.perf_counter()
+            retry_after = response.headers.get("retry-after")
+            code = _error_code(response)
+            status = response.status_code
+            return Outcome(model, status, t_send, now, now, code=code, retry_after=retry_after)
+        outcome = Outcome(model, 200, t_send, time.perf_counter(), 0.0)
+        await _read_stream(response, outcome)
+    outcome.t_end = time.perf_counter()
+    return outcome
+
+
+def check_complete(outcome: Outcome, tokens: int) -> str | None:
+    """Why an admitted streamed request did not complete as asked, or None if it did."""
+    if outcome.status != 200:
+        return f"HTTP {outcome.status} ({outcome.code})"
+    if outcome.stream_error:
+        return f"stream error {outcome.stream_error}"
+    if not outcome.done or outcome.completion_tokens != tokens:
+        return f"{outcome.completion_tokens}/{tokens} tokens, [DONE] seen: {outcome.done}"
+    return None
+
+
+def require_complete(outcomes: Sequence[Outcome], tokens: int) -> None:
+    for outcome in outcomes:
+        if (problem := check_complete(outcome, tokens)) is not None:
+            raise RuntimeError(f"request to {outcome.model}: {problem}")
+
+
+# -- 1. core sharing -------------------------------------------------------------------------
+
+
+async def load_round(
+    client: httpx.AsyncClient, models: Sequence[str], tokens: int, prompts: Iterator[int]
+) -> dict[str, Any]:
+    """STREAMS_PER_MODEL streams to each model at once; aggregate tok/s to the last end."""
+    jobs = [
+        send(client, model, prompt_text(next(prompts)), tokens)
+        for model in models
+        for _ in range(STREAMS_PER_MODEL)
+    ]
+    start = time.perf_counter()
+    outcomes = await asyncio.gather(*jobs)
+    require_complete(outcomes, tokens)
+    wall = max(o.t_end for o in outcomes) - start
+    per_model = {
+        model: sum(o.completion_tokens for o in outcomes if o.model == model)
+        / (max(o.t_end for o in outcomes if o.model == model) - start)
+        for model in models
+    }
+    return {
+        "aggregate_tok_s": sum(o.completion_tokens for o in outcomes) / wall,
+        "wall_s": wall,
+        "per_model_tok_s": per_model,
+        "ttft_mean_s": statistics.fmean(o.ttft for o in outcomes),
+    }
+
+
+def _say_round(label: str, i: int, result: dict[str, Any]) -> None:
+    per_model = ", ".join(f"{m} {v:.1f}" for m, v in result["per_model_tok_s"].items())
+    rate, others = result["aggregate_tok_s"], result["others_percent"]
+    console.print(
+        f"sharing: {label}, round {i + 1}: {rate:.1f} tok/s ({per_model}); "
+        f"CPU not ours {others:.0f}%"
+    )
+
+
+async def sharing_rounds(
+    server: Server, args: argparse.Namespace, loads: dict[str, Sequence[str]], repeats: int
+) -> dict[str, list[dict[str, Any]]]:
+    """`repeats` rounds of every load in `loads`, interleaved, after one short warm-up round."""
+    prompts = itertools.count()
+    async with http_client(args.port) as client:
+        await wait_ready(client, server, loaded=("m1", "m2"))
+        await load_round(client, ("m1", "m2"), WARMUP_TOKENS, prompts)
+        rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in loads}
+        for i in range(repeats):
+            for label, models in loads.items():
+                before = tree_sample(server)
+                result = await load_round(client, models, args.tokens, prompts)
+                result["others_percent"] = others_percent(before, tree_sample(server))
+                rounds[label].append(result)
+                _say_round(label, i, result)
+    return rounds
+
+
+def measure_sharing(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    models = [model_table(m, **SHAPE, preload=True) for m in ("m1", "m2")]
+    loads = {"one alone": ("m1",), "both busy": ("m1", "m2")}
+    with fleet_server(args, tmp, "sharing-lease", models) as leased_server:
+        leased = asyncio.run(sharing_rounds(leased_server, args, loads, REPEATS))
+    # one round only: without the lease the two models' spinning threads can slow each other
+    # down by an order of magnitude, so more rounds would only make the benchmark crawl
+    with fleet_server(args, tmp, "sharing-no-lease", models, share_cores=False) as server:
+        unleased = asyncio.run(sharing_rounds(server, args, {"both busy": ("m1", "m2")}, 1))
+    return {
+        "alone": leased["one alone"],
+        "both": leased["both busy"],
+        "both_no_lease": unleased["both busy"],
+        "configs": [leased_server.config, server.config],
+    }
+
+
+def summarize_sharing(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("alone", "both", "both_no_lease")
+    rates = {k: [r["aggregate_tok_s"] for r in result[k]] for k in keys}
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    pairs = [both / alone for both, alone in zip(rates["both"], rates["alone"], strict=True)]
+    return {
+        "runs_tok_s": rates,
+        "median_tok_s": med,
+        "both_vs_alone": med["both"] / med["alone"],
+        "both_vs_alone_paired_runs": pairs,
+        "both_no_lease_vs_alone": med["both_no_lease"] / med["alone"],
+    }
+
+
+# -- 2. cold start ---------------------------------------------------------------------------
+
+
+def _context_settings(ll: ModuleType, shape: dict[str, int], threads: int) -> dict[str, Any]:
+    """The server worker's context (runtime.py) for this ModelSpec: f16 KV, no flash attention."""
+    return {
+        "n_ctx": shape["n_ctx"] * shape["n_parallel"],
+        "n_batch": shape["step_tokens"],
+        "n_ubatch": shape["step_tokens"],
+        "n_seq_max": shape["n_parallel"],
+        "n_threads": threads,
+        "n_threads_batch": threads,
+        "kv_unified": True,
+        "no_perf": True,
+        "flash_attn_type": ll.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }
+
+
+def _require(handle: Any, what: str) -> Any:
+    if not handle:
+        raise RuntimeError(f"llama.cpp could not {what}")
+    return handle
+
+
+def run_cold_anchor(
+    model_path: str, shape: dict[str, int], threads: int, prompt: str, t_submit: float
+) -> dict[str, float]:
+    """Raw llama.cpp load + context + prompt + first token; runs in a fresh spawned process."""
+    t = {"called": time.perf_counter()}  # CLOCK_MONOTONIC: comparable across processes on Linux
+    import llama_cpp as ll
+
+    t["imported"] = time.perf_counter()
+    _silence_llama(ll)
+    with contextlib.ExitStack() as cleanup:
+        t["start"] = time.perf_counter()
+        ll.llama_backend_init()
+        cleanup.callback(ll.llama_backend_free)
+        cpu_only = ll.llama_model_default_params()
+        cpu_only.n_gpu_layers = 0
+        model = _require(ll.llama_model_load_from_file(model_path.encode(), cpu_only), "load")
+        cleanup.callback(ll.llama_model_free, model)
+        t["model"] = time.perf_counter()
+        params = ll.llama_context_default_params()
+        for name, value in _context_settings(ll, shape, threads).items():
+            setattr(params, name, value)
+        ctx = _require(ll.llama_init_from_model(model, params), "create a context")
+        cleanup.callback(ll.llama_free, ctx)
+        t["context"] = time.perf_counter()
+        batch = ll.llama_batch_init(shape["step_tokens"], 0, 1)
+        cleanup.callback(ll.llama_batch_free, batch)
+        vocab = ll.llama_model_get_vocab(model)
+        tokens = _tokenize(ll, vocab, prompt)
+        last = len(tokens) - 1
+        _fill(batch, [(token, pos, 0, pos == last) for pos, token in enumerate(tokens)])
+        _decode(ll, ctx, batch)
+        _argmax(ll, ctx, last, ll.llama_vocab_n_tokens(vocab))
+        t["first"] = time.perf_counter()
+    return {
+        "spawn_s": t["called"] - t_submit,  # interpreter start + this module's imports
+        "import_s": t["imported"] - t["called"],
+        "model_load_s": t["model"] - t["start"],
+        "context_s": t["context"] - t["model"],
+        "prompt_first_token_s": t["first"] - t["context"],
+        "total_s": t["first"] - t["start"],
+        "prompt_tokens": len(tokens),
+    }
+
+
+def cold_anchor(model: Path, threads: int, prompt: str) -> dict[str, float]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        job = pool.submit(run_cold_anchor, str(model), SHAPE, threads, prompt, time.perf_counter())
+        return job.result()
+
+
+async def warm_api(client: httpx.AsyncClient) -> None:
+    """Exercise the completion route once without loading anything (unknown model: 404)."""
+    outcome = await send(client, "no-such-model", "warm-up", 1)
+    if outcome.status != 404:
+        raise RuntimeError(f"warm-up expected 404, got {outcome.status}")
+
+
+async def unload(client: httpx.AsyncClient, model: str) -> None:
+    response = await client.post(f"/v1/models/{model}/unload")
+    if response.status_code != 200:
+        raise RuntimeError(f"unload {model}: HTTP {response.status_code}: {response.text[:300]}")
+
+
+async def cold_rounds(server: Server, args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    anchors: list[dict[str, float]] = []
+    firsts: list[Outcome] = []
+    settled: list[float] = []
+    noise: list[float] = []
+    async with http_client(args.port) as client:
+        await wait_ready(client, server)
+        await warm_api(client)
+        for i in range(REPEATS):
+            settled.append(await settle(server, workers=1))  # no model loaded: the spare
+            prompt = prompt_text(20_000 + i)
+            before = tree_sample(server)
+            anchors.append(await asyncio.to_thread(cold_anchor, model, args.threads, prompt))
+            firsts.append(await send(client, "cold", prompt, COLD_TOKENS))
+            require_complete(firsts[-1:], COLD_TOKENS)
+            noise.append(others_percent(before, tree_sample(server)))
+            raw, served = anchors[-1]["total_s"], firsts[-1].ttft
+            console.print(
+                f"cold: run {i + 1}: raw load + first token {raw * 1000:.0f} ms, "
+                f"multiserve first token {served * 1000:.0f} ms; CPU not ours {noise[-1]:.0f}%"
+            )
+            await unload(client, "cold")
+    return {
+        "config": server.config,
+        "anchor": anchors,
+        "multiserve_ttft_s": [o.ttft for o in firsts],
+        "settle_s": settled,
+        "others_percent": noise,
+    }
+
+
+def measure_cold(args: argparse.Namespace, tmp: Path, model: Path) -> dict[str, Any]:
+    models = [model_table("cold", **SHAPE, preload=False)]
+    with fleet_server(args, tmp, "cold", models) as server:
+        return asyncio.run(cold_rounds(server, args, model))
+
+
+def summarize_cold(result: dict[str, Any]) -> dict[str, Any]:
+    def runs(key: str) -> list[float]:
+        return [a[key] for a in result["anchor"]]
+
+    med = statistics.median
+    raw, served = med(runs("total_s")), med(result["multiserve_ttft_s"])
+    return {
+        "raw_total_s": raw,
+        "raw_import_s": med(runs("import_s")),
+        "raw_spawn_s": med(runs("spawn_s")),
+        "raw_model_load_s": med(runs("model_load_s")),
+        "raw_context_s": med(runs("context_s")),
+        "raw_prompt_first_token_s": med(runs("prompt_first_token_s")),
+        "multiserve_ttft_s": served,
+        "multiserve_vs_raw": served / raw,
+        "multiserve_vs_raw_paired_runs": [
+            ttft / anchor["total_s"]
+            for ttft, anchor in zip(result["multiserve_ttft_s"], result["anchor"], strict=True)
+        ],
+    }
+
+
+# -- 3. flood --------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def connected_clients(port: int, n: int) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """`n` clients of one open connection each.
+
+    One client per request, because a single httpx pool with 60 requests in flight spends
+    hundreds of milliseconds of its own CPU arbitrating them (measured here: a 404 flood took
+    p50 360 ms through one pool, 35 ms through 60), which would be charged to the server. The
+    connections are opened beforehand so the flood measures the server, not TCP handshakes.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(http_client(port, 1)) for _ in range(n)]
+        await asyncio.gather(*(c.get("/health") for c in clients))
+        yield clients
+
+
+async def flood_round(server: Server, args: argparse.Namespace, n: int) -> dict[str, Any]:
+    async with http_client(args.port) as client:
+        await wait_ready(client, server, loaded=("flood",))
+        require_complete([await send(client, "flood", prompt_text(0), FLOOD_TOKENS)], FLOOD_TOKENS)
+        async with connected_clients(args.port, n) as clients:
+            jobs = [
+                send(c, "flood", prompt_text(30_000 + i), FLOOD_TOKENS)
+                for i, c in enumerate(clients)
+            ]
+            outcomes = await asyncio.gather(*jobs)
+        stats = (await client.get("/stats")).json()["models"]["flood"]["requests"]
+    return {"config": server.config, "outcomes": outcomes, "stats": stats}
+
+
+def measure_flood(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    limits = {"n_parallel": FLOOD_SLOTS, "queue_limit": FLOOD_QUEUE_LIMIT}
+    models = [model_table("flood", n_ctx=SHAPE["n_ctx"], **limits, preload=True)]
+    n = FLOOD_FACTOR * (FLOOD_SLOTS + FLOOD_QUEUE_LIMIT)
+    with fleet_server(args, tmp, "flood", models) as server:
+        return asyncio.run(flood_round(server, args, n))
+
+
+def _is_refusal(outcome: Outcome) -> bool:
+    return outcome.status == 503 and outcome.code == "queue_full" and bool(outcome.retry_after)
+
+
+def summarize_flood(result: dict[str, Any]) -> dict[str, Any]:
+    outcomes: list[Outcome] = result["outcomes"]
+    admitted = [o for o in outcomes if o.status == 200]
+    refused = [o for o in outcomes if _is_refusal(o)]
+    others = [o for o in outcomes if o.status != 200 and not _is_refusal(o)]
+    incomplete = [p for o in admitted if (p := check_complete(o, FLOOD_TOKENS)) is not None]
+    latencies = [o.response_s for o in refused]
+    max_s = max(latencies, default=0.0)
+    return {
+        "sent": len(outcomes),
+        "capacity": FLOOD_SLOTS + FLOOD_QUEUE_LIMIT,
+        "admitted": len(admitted),
+        "admitted_complete": len(admitted) - len(incomplete),
+        "incomplete": incomplete,
+        "refused": len(refused),
+        "refusal_max_s": max_s,
+        "refusal_p99_s": float(np.percentile(latencies, 99)) if latencies else 0.0,
+        "refusal_p50_s": float(np.percentile(latencies, 50)) if latencies else 0.0,
+        "retry_after_values": sorted({o.retry_after for o in refused if o.retry_after}),
+        "other_statuses": [f"{o.status} {o.code} retry-after={o.retry_after}" for o in others],
+        "server_refused_count": result["stats"].get("refused"),
+        "passed": not incomplete and not others and bool(refused) and max_s < TARGET_REFUSAL_S,
+    }
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def _verdict(ok: bool, target: str, noisy: bool) -> tuple[str, str]:
+    verdict = "[green]PASS" if ok else "[red]MISS"
+    return target, verdict + ("? (noisy)" if noisy else "")
+
+
+def _paired_row(table: Table, label: str, ratios: Sequence[float]) -> None:
+    """Ratios of the interleaved pairs: how much of a verdict is drift between rounds."""
+    median = statistics.median(ratios)
+    table.add_row(label, f"{median:.3f}", _runs(ratios, fmt="{:.3f}"), "-", "-")
+
+
+def _sharing_rows(table: Table, s: dict[str, Any], noisy: bool) -> None:
+    n = STREAMS_PER_MODEL
+    rows = [
+        (f"m1 alone, {n} streams (tok/s)", "alone"),
+        (f"m1 + m2 busy, {n}+{n} streams, share_cores=true (tok/s)", "both"),
+        (f"m1 + m2 busy, {n}+{n} streams, share_cores=false (tok/s)", "both_no_lease"),
+    ]
+    for label, key in rows:
+        table.add_row(label, f"{s['median_tok_s'][key]:.1f}", _runs(s["runs_tok_s"][key]), "-", "-")
+    ratio = s["both_vs_alone"]
+    target = _verdict(ratio >= TARGET_SHARING, f">= {TARGET_SHARING:g}", noisy)
+    table.add_row("both busy / one alone (with lease)", f"{ratio:.3f}", "", *target)
+    _paired_row(table, "  same ratio, round by round", s["both_vs_alone_paired_runs"])
+    unleased = s["both_no_lease_vs_alone"]
+    table.add_row("both busy without lease / one alone", f"{unleased:.3f}", "", "-", "-")
+
+
+def _cold_rows(table: Table, s: dict[str, Any], result: dict[str, Any], noisy: bool) -> None:
+    ms = 1000.0
+    anchor = result["anchor"]
+    rows = [
+        ("raw: interpreter start + module imports (ms, excluded)", "raw_spawn_s", "spawn_s"),
+        ("raw: import llama_cpp (ms, excluded)", "raw_import_s", "import_s"),
+        ("raw: model load (ms)", "raw_model_load_s", "model_load_s"),
+        ("raw: context creation (ms)", "raw_context_s", "context_s"),
+        ("raw: prompt + first token (ms)", "raw_prompt_first_token_s", "prompt_first_token_s"),
+        ("raw: load + first token, total (ms)", "raw_total_s", "total_s"),
+    ]
+    for label, key, run_key in rows:
+        runs = _runs([a[run_key] for a in anchor], ms, "{:.0f}")
+        table.add_row(label, f"{s[key] * ms:.0f}", runs, "-", "-")
+    served = f"{s['multiserve_ttft_s'] * ms:.0f}"
+    runs = _runs(result["multiserve_ttft_s"], ms, "{:.0f}")
+    table.add_row("multiserve: request -> first token, cold (ms)", served, runs, "-", "-")
+    ratio = s["multiserve_vs_raw"]
+    target = _verdict(ratio <= TARGET_COLD, f"<= {TARGET_COLD:g}", noisy)
+    table.add_row("multiserve / raw", f"{ratio:.3f}", "", *target)
+    _paired_row(table, "  same ratio, run by run", s["multiserve_vs_raw_paired_runs"])
+
+
+def _flood_rows(table: Table, s: dict[str, Any], noisy: bool) -> None:
+    ms = 1000.0
+    capacity = f"capacity {s['capacity']}"
+    table.add_row("requests sent at once", str(s["sent"]), capacity, "-", "-")
+    complete = f"{s['admitted_complete']} complete, {FLOOD_TOKENS} tokens each"
+    table.add_row("admitted (200)", str(s["admitted"]), complete, "all complete", "-")
+    retry = "Retry-After " + ",".join(s["retry_after_values"] or ["-"])
+    table.add_row("refused (503 queue_full)", str(s["refused"]), retry, "-", "-")
+    others = "; ".join(s["other_statuses"])
+    table.add_row("other statuses", str(len(s["other_statuses"])), others, "0", "-")
+    table.add_row("refusal latency p50 (ms)", f"{s['refusal_p50_s'] * ms:.1f}", "", "-", "-")
+    table.add_row("refusal latency p99 (ms)", f"{s['refusal_p99_s'] * ms:.1f}", "", "-", "-")
+    target = _verdict(s["passed"], f"< {TARGET_REFUSAL_S * ms:g}, all complete", noisy)
+    table.add_row("refusal latency max (ms)", f"{s['refusal_max_s'] * ms:.1f}", "", *target)
+
+
+def render_table(report: dict[str, Any]) -> Table:
+    title = "multiserve fleet: sharing and cold start median of 3 rounds; flood one burst"
+    table = Table(title=title)
+    for column in ("measurement", "median", "runs", "target", "result"):
+        table.add_column(column, justify="left" if column == "measurement" else "right")
+    summary, noisy = report["summary"], report["noisy"]
+    sections: list[Callable[[], None]] = []
+    if "sharing" in summary:
+        sections.append(lambda: _sharing_rows(table, summary["sharing"], noisy["sharing"]))
+    if "cold" in summary:
+        cold = report["results"]["cold"]
+        sections.append(lambda: _cold_rows(table, summary["cold"], cold, noisy["cold"]))
+    if "flood" in summary:
+        sections.append(lambda: _flood_rows(table, summary["flood"], noisy["flood"]))
+    for i, add_rows in enumerate(sections):
+        if i:
+            table.add_section()
+        add_rows()
+    return table
+
+
+def header_lines(report: dict[str, Any]) -> list[str]:
+    """Command, machine, settings and how busy the machine was, one line each."""
+    m, args = report["machine"], report["settings"]
+    cores = f"{m['logical_cores']} logical / {m['physical_cores']} physical cores"
+    per_phase = {
+        phase: f"{' '.join(f'{x:.2f}' for x in report['loadavg'][phase])}, not ours "
+        f"{noise['steal_percent']:.1f}% steal + {noise['others_percent']:.1f}% other processes"
+        for phase, noise in report["cpu_interference"].items()
+    }
+    return [
+        f"command: {report['command']}",
+        f"machine: {m['machine']}, {m['cpu']}, {cores} ({m['usable_cores']} usable), "
+        f"Python {m['python']}, llama-cpp-python {m['llama_cpp_python']}",
+        f"model: {Path(report['model']).name} ({EMBEDDED_MODEL}); --threads {args['threads']}, "
+        f"--tokens {args['tokens']}; model shape {SHAPE}",
+        *(f"{phase}: load average before {text}" for phase, text in per_phase.items()),
+    ]
+
+
+def print_report(out: Console, report: dict[str, Any]) -> None:
+    for line in header_lines(report):
+        out.print(line, highlight=False)
+    if any(report["noisy"].values()):
+        out.print("[yellow]warning: the machine was busy with other work; these numbers are noisy")
+    out.print(render_table(report))
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="compute threads (default 2)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per stream, sharing (64)")
+    parser.add_argument("--port", type=int, default=8094, help="server port on 127.0.0.1 (8094)")
+    parser.add_argument("--out", type=Path, help="write every number as JSON here")
+    parser.add_argument(
+        "--only", default=",".join(PHASES), help=f"comma-separated phases ({','.join(PHASES)})"
+    )
+    args = parser.parse_args(argv)
+    args.only = [p.strip() for p in args.only.split(",") if p.strip()]
+    if not args.only or set(args.only) - set(PHASES):
+        parser.error(f"--only takes phases from {','.join(PHASES)}; got {args.only or 'none'}")
+    if args.tokens < 2 or args.threads < 1:
+        parser.error("need --tokens >= 2 and --threads >= 1")
+    return args
+
+
+def run_phases(
+    args: argparse.Namespace, tmp: Path, model: Path
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Run the chosen phases in order; their results, CPU interference and load averages."""
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "sharing": lambda: measure_sharing(args, tmp),
+        "cold": lambda: measure_cold(args, tmp, model),
+        "flood": lambda: measure_flood(args, tmp),
+    }
+    results: dict[str, Any] = {}
+    noise: dict[str, Any] = {}
+    loadavg: dict[str, Any] = {}
+    for phase in (p for p in PHASES if p in args.only):
+        loadavg[phase] = os.getloadavg()
+        console.print(f"[bold]{phase}[/bold]: load average {loadavg[phase][0]:.2f}")
+        before = cpu_sample()
+        results[phase] = runners[phase]()
+        noise[phase] = interference(before, cpu_sample())
+    return results, noise, loadavg
+
+
+SUMMARIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "sharing": summarize_sharing,
+    "cold": summarize_cold,
+    "flood": summarize_flood,
+}
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Outcome):
+        return asdict(value) | {"response_s": value.response_s, "ttft_s": value.ttft}
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if port_in_use(args.port):
+        console.print(f"[red]{HOST}:{args.port} is taken; choose a free --port")
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit runs every cleanup
+    model = default_model_path()  # assembles the embedded model on a first run
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
+        results, noise, loadavg = run_phases(args, Path(tmp), model)
+    report = {
+        "command": shlex.join(sys.orig_argv),
+        "machine": machine_info(),
+        "model": str(model),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        | {"repeats": REPEATS, "shape": SHAPE, "streams_per_model": STREAMS_PER_MODEL},
+        "loadavg": loadavg,
+        "cpu_interference": noise,
+        "noisy": {phase: is_noisy({phase: n}) for phase, n in noise.items()},
+        "targets": {
+            "sharing_both_vs_alone_min": TARGET_SHARING,
+            "cold_multiserve_vs_raw_max": TARGET_COLD,
+            "flood_refusal_max_s": TARGET_REFUSAL_S,
+        },
+        "summary": {phase: SUMMARIES[phase](r) for phase, r in results.items()},
+        "results": results,
+    }
+    out = Console(width=WIDTH)
+    print_report(out, report)
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+        out.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers and the anchor are already stopped by then
+        console.print("[red]interrupted")
+        sys.exit(130)
