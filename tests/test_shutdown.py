@@ -29,6 +29,14 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _wait_until_gone(children: list[psutil.Process], timeout: float = 10.0) -> None:
+    """Children exit on their own once the API process is gone (not necessarily before it)."""
+    deadline = time.monotonic() + timeout
+    while not all(_gone(child.pid) for child in children):
+        assert time.monotonic() < deadline, "child processes outlived the API process"
+        time.sleep(0.05)
+
+
 def test_sigterm_finishes_streams_refuses_new_work_and_exits_zero(tiny_model, model_dir) -> None:
     with run_server(["--config", str(_config(model_dir))], model_dir) as server:
         workers = psutil.Process(server.process.pid).children(recursive=True)
@@ -65,7 +73,7 @@ def test_sigterm_finishes_streams_refuses_new_work_and_exits_zero(tiny_model, mo
         assert lines[-1] == "data: [DONE]"
         assert '"finish_reason": "length"' in lines[-2]  # the stream ran to its end
         assert server.process.wait(timeout=30) == 0
-        assert all(_gone(worker.pid) for worker in workers)
+        _wait_until_gone(workers)
 
 
 def test_killed_api_process_takes_its_workers_along(tiny_model, model_dir) -> None:
@@ -74,7 +82,4 @@ def test_killed_api_process_takes_its_workers_along(tiny_model, model_dir) -> No
         assert workers  # the model's worker (and the spare, once started)
         server.process.kill()
         server.process.wait()
-        deadline = time.monotonic() + 10
-        while not all(_gone(w.pid) for w in workers):
-            assert time.monotonic() < deadline, "workers outlived the API process"
-            time.sleep(0.05)
+        _wait_until_gone(workers)
