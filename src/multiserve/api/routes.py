@@ -81,6 +81,8 @@ async def _engine(
     state: ServerState, entry: ModelEntry, ticket: Ticket, deadline: float
 ) -> EngineClient:
     """The model's worker; waiting for a load counts against the request's queue timeout."""
+    if entry.client is not None and entry.client.alive:
+        return entry.client  # the common case: no timer task per request
     try:
         return await asyncio.wait_for(state.fleet.engine(entry), deadline - time.monotonic())
     except ModelUnavailable as exc:
