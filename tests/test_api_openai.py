@@ -108,6 +108,23 @@ def test_n_gives_independent_choices(server) -> None:
     assert len({c.text for c in reply.choices}) > 1  # each choice samples its own sequence
 
 
+def test_n_choices_of_one_token_each(server) -> None:
+    # the first choice finishes on its first token, before the others fork its prompt (a crash once)
+    reply = server.openai.completions.create(model="tiny", prompt="the", n=3, max_tokens=1)
+    assert sorted(c.index for c in reply.choices) == [0, 1, 2]
+    assert reply.usage.completion_tokens == 3
+
+
+def test_vanishing_temperature_with_a_grammar_decodes_greedily(server) -> None:
+    # logits over a 1e-38 temperature overflow float32; the grammar must still hold (a crash once)
+    args = dict(model="tiny", prompt="{", max_tokens=12, response_format={"type": "json_object"})
+    with server.http() as http:
+        tiny = http.post("/v1/completions", json={**args, "temperature": 1e-38})
+        greedy = http.post("/v1/completions", json={**args, "temperature": 0})
+    assert tiny.status_code == greedy.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
 def test_n_in_a_stream(server) -> None:
     stream = server.openai.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=4, stream=True

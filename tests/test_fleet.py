@@ -181,7 +181,7 @@ def test_queue_timeout_refuses_and_leaves_the_queue(models: Path) -> None:
         running = Stream(server.url, {"model": "a", **LONG})
         try:
             late = _complete(http, "a", stream=True)
-            assert late.status_code == 503
+            assert late.status_code == 503, late.text
             assert late.json()["error"]["code"] == "queue_timeout"
             assert "Retry-After" in late.headers
             assert _stats(http, "a")["requests"]["waiting"] == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from pathlib import Path
 
 import httpx
@@ -76,6 +78,34 @@ def test_oversized_body_is_413_and_the_server_carries_on(locked_server) -> None:
         )
         ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
         assert ok.status_code == 200
+
+
+def _raw_exchange(url: str, head: bytes, pieces: int = 1) -> bytes:
+    """Send a request head in `pieces` writes and read the answer (the server closes after 431)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        step = -(-len(head) // pieces)
+        try:
+            for start in range(0, len(head), step):
+                sock.sendall(head[start : start + step])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before we finished sending: the answer is already there
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("pieces", [1, 64], ids=["one-write", "trickled"])
+def test_oversized_request_head_is_431_and_the_server_carries_on(server, pieces: int) -> None:
+    big = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"j" * 200_000 + b"\r\n\r\n"
+    answer = _raw_exchange(server.url, big, pieces)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert "32768" in body["error"]["message"]
+    with server.http() as http:  # a large but legal head still works, and so does everyone else
+        assert http.get("/v1/models", headers={"X-Junk": "j" * 20_000}).status_code == 200
 
 
 def test_cors_only_for_configured_origins(locked_server) -> None:

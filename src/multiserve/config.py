@@ -48,7 +48,7 @@ class SamplingDefaults(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=1 << 20)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repeat_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repeat_penalty: float | None = Field(default=None, ge=0.01, le=10.0)
     max_tokens: int | None = Field(default=None, ge=1)
 
     def given(self) -> dict[str, float | int]:
@@ -118,6 +118,9 @@ class Settings(BaseModel):
     metrics_public: bool = Field(default=False, description="serve /metrics without a key")
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed")
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024, le=2**30)
+    max_header_bytes: int = Field(
+        default=32 * 2**10, ge=1024, le=2**24, description="request line plus headers"
+    )
     drain_timeout: float = Field(default=30.0, ge=0, description="seconds to finish on SIGTERM")
     models: list[ModelSpec] = Field(default_factory=list)
 

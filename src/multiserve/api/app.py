@@ -12,7 +12,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from multiserve import __version__
 from multiserve.api.errors import install_error_handlers
 from multiserve.api.metrics import Metrics
-from multiserve.api.routes import ServerState, router
+from multiserve.api.openapi import publish_openapi
+from multiserve.api.routes import ServerState, misdirected, router
 from multiserve.api.security import ApiKeyAuth, BodyLimit
 from multiserve.config import Settings
 from multiserve.fleet.manager import Fleet
@@ -33,12 +34,14 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="multiserve", version=__version__, lifespan=lifespan)
     app.state.server = ServerState(settings, fleet, Metrics(fleet), time.time())
     install_error_handlers(app)
+    app.include_router(misdirected)
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     keys = settings.all_api_keys()
+    public = frozenset({"/health"} | ({"/metrics"} if settings.metrics_public else set()))
     if keys:
-        public = {"/health"} | ({"/metrics"} if settings.metrics_public else set())
-        app.add_middleware(ApiKeyAuth, keys=keys, public_paths=frozenset(public))
+        app.add_middleware(ApiKeyAuth, keys=keys, public_paths=public)
+    publish_openapi(app, protected=bool(keys), public_paths=public)
     if settings.cors_origins:  # browsers only; credentials never go with a wildcard origin
         app.add_middleware(
             CORSMiddleware,

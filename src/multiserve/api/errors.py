@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +23,7 @@ _TYPES = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
@@ -61,25 +63,32 @@ def model_not_found(name: str) -> APIError:
     )
 
 
+# pydantic names a union member in an error's location by its type: 'str', 'list[int]', ...
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|constrained-\w+|[\w-]+\[.*\])$")
+
+
 def param_path(loc: tuple) -> str:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; union member names are dropped."""
+    parts = list(loc[1:] if loc[:1] == ("body",) else loc)
+    if parts[-1:] == ["[key]"]:  # a bad dictionary key: name the dictionary, not the key
+        parts = parts[:-2]
     out = ""
-    for part in loc:
-        if part == "body" and not out:
-            continue
+    for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "tagged-union")) and part not in (
-            "str",
-            "list[int]",
-            "list[str]",
-        ):
+        elif not _UNION_MEMBER.match(str(part)):
             out += f".{part}" if out else str(part)
     return out
 
 
+def _most_telling(errors: list[dict]) -> dict:
+    """Of a union's errors, the one from the member whose type matched (a broken constraint)."""
+    mismatch = ("_type", "_parsing")
+    return next((e for e in errors if not e.get("type", "").endswith(mismatch)), errors[0])
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
+    first = _most_telling(list(exc.errors()))
     param = param_path(tuple(first.get("loc", ()))) or None
     kind = first.get("type", "")
     if kind == "json_invalid":

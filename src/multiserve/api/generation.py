@@ -104,7 +104,7 @@ async def generate(
                     code="queue_timeout",
                     headers={"Retry-After": str(ticket.retry_after())},
                 )
-            raise APIError(400, first.message, param=first.param)
+            raise APIError(400, first.message, param=first.param, code=first.code)
         assert isinstance(first, Accepted)
         if stream:
             body = _stream(events, fmt, tracker, ticket, first.prompt_tokens, include_usage)
@@ -114,7 +114,9 @@ async def generate(
         return JSONResponse(await unless_disconnected(http_request, collected))
     except WorkerGone:
         tracker.failed("worker_exit")
-        raise APIError(500, WORKER_GONE_MESSAGE, code="model_crashed") from None
+        raise APIError(
+            503, WORKER_GONE_MESSAGE, code="model_crashed", headers={"Retry-After": "1"}
+        ) from None
     except ClientDisconnected:
         tracker.failed("client_disconnected")
         return Response(status_code=CLIENT_CLOSED_REQUEST)

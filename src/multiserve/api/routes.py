@@ -7,14 +7,15 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from multiserve.api.errors import APIError, model_not_found
 from multiserve.api.formats import ChatFormat, ResponseFormat, TextFormat
 from multiserve.api.generation import generate
 from multiserve.api.metrics import Metrics
+from multiserve.api.openapi import EVENT_STREAM, error_responses
 from multiserve.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from multiserve.config import Settings
 from multiserve.engine.client import EngineClient
@@ -33,7 +34,21 @@ class ServerState:
     draining: bool = False
 
 
-router = APIRouter()
+def _known_query_only(request: Request) -> None:
+    """A misspelt query parameter (`?wiat=true`) is refused, as unknown body fields are."""
+    declared = {param.alias for param in request.scope["route"].dependant.query_params}
+    unknown = sorted(set(request.query_params) - declared)
+    if unknown:
+        raise APIError(400, f"Unrecognized query parameter: {unknown[0]}", param=unknown[0])
+
+
+router = APIRouter(dependencies=[Depends(_known_query_only)])
+_HEALTH = {
+    503: {
+        "description": "Draining for shutdown: send traffic elsewhere.",
+        "content": {"application/json": {}},
+    }
+}
 
 
 def _state(request: Request) -> ServerState:
@@ -61,7 +76,12 @@ async def _admitted(state: ServerState, body: SamplingRequest) -> tuple[ModelEnt
     entry = _entry(state, body.model)
     limit = min(state.settings.max_n, entry.spec.n_parallel)
     if body.n > limit:
-        raise APIError(400, f"n must be at most {limit} for model `{entry.spec.id}`", param="n")
+        raise APIError(
+            400,
+            f"n must be at most {limit} for model `{entry.spec.id}`",
+            param="n",
+            code="n_too_large",
+        )
     try:
         return entry, state.fleet.admit(entry)
     except Overloaded as exc:
@@ -161,7 +181,7 @@ async def _complete(request: Request, body: SamplingRequest, build) -> Response:
     )
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=EVENT_STREAM | error_responses(400, 404, 503))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     def build(entry: ModelEntry, engine: EngineClient) -> tuple[str, bool, ResponseFormat]:
         info = engine.info
@@ -188,7 +208,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _complete(request, body, build)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=EVENT_STREAM | error_responses(400, 404, 503))
 async def completions(body: CompletionRequest, request: Request) -> Response:
     def build(entry: ModelEntry, engine: EngineClient) -> tuple[object, bool, ResponseFormat]:
         prompt = body.prompt if isinstance(body.prompt, str) else tuple(body.prompt)
@@ -214,7 +234,7 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [_model_card(e) for e in entries]}
 
 
-@router.post("/v1/models/{model_id:path}/load")
+@router.post("/v1/models/{model_id:path}/load", responses=error_responses(404, 503))
 async def load_model(model_id: str, request: Request) -> dict:
     state = _state(request)
     entry = _entry(state, model_id)
@@ -225,7 +245,7 @@ async def load_model(model_id: str, request: Request) -> dict:
     return _model_card(entry)
 
 
-@router.post("/v1/models/{model_id:path}/unload")
+@router.post("/v1/models/{model_id:path}/unload", responses=error_responses(404, 409))
 async def unload_model(model_id: str, request: Request, wait: bool = False) -> dict:
     state = _state(request)
     entry = _entry(state, model_id)
@@ -236,12 +256,35 @@ async def unload_model(model_id: str, request: Request, wait: bool = False) -> d
     return _model_card(entry)
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=error_responses(404))
 async def get_model(model_id: str, request: Request) -> dict:
     return _model_card(_entry(_state(request), model_id))
 
 
-@router.get("/health")
+# Model ids may contain '/', so `GET /v1/models/x/unload` would otherwise read as the card of a
+# model "x/unload". Registered ahead of `router`, without its query check: it answers 405, Allow:
+# POST, to every other method.
+misdirected = APIRouter()
+
+
+_NOT_POST = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+
+
+@misdirected.api_route(
+    "/v1/models/{model_id:path}/load", methods=_NOT_POST, include_in_schema=False
+)
+@misdirected.api_route(
+    "/v1/models/{model_id:path}/unload", methods=_NOT_POST, include_in_schema=False
+)
+async def model_action_without_post(model_id: str, request: Request) -> dict:
+    full_id = request.url.path.removeprefix("/v1/models/")
+    entry = _state(request).fleet.resolve(full_id)
+    if entry is not None:  # a model really named ".../load"
+        return _model_card(entry)
+    raise APIError(405, "Use POST to load or unload a model.", headers={"Allow": "POST"})
+
+
+@router.get("/health", responses=_HEALTH)
 async def health(request: Request) -> JSONResponse:
     state = _state(request)
     models = {i: e.state.value for i, e in state.fleet.entries.items()}
@@ -261,6 +304,6 @@ async def stats(request: Request) -> dict:
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.prometheus(), media_type=CONTENT_TYPE_LATEST)

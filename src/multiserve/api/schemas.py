@@ -9,7 +9,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -32,14 +40,30 @@ UNSUPPORTED_FIELDS = frozenset(
         "echo",
     }
 )
-# OpenAI fields that change nothing for a local server; accepted so standard clients work.
-IGNORED_FIELDS = frozenset({"user", "store", "metadata", "service_tier"})
-
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def _integral(value: object) -> object:
+    """JSON Schema counts 2.0 as an integer, so we do too; strings and booleans stay errors."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WHOLE = BeforeValidator(_integral)  # after the bounds, or pydantic would not publish them
+TokenCount = Annotated[int, Field(ge=1, le=1 << 20), WHOLE]
+TopLogprobs = Annotated[int, Field(ge=0, le=20), WHOLE]
+Seed = Annotated[int, WHOLE]  # any integer: it is reduced modulo llama.cpp's seed range
+MAX_PROMPT_CHARS = 1 << 22
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, lt=1 << 31), WHOLE]], Field(min_length=1, max_length=1 << 20)
+]
+TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,10}$")]
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
@@ -62,7 +86,7 @@ def _check_schema_node(node: Any, depth: int) -> None:
 
 
 class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
     name: str = "response"
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
@@ -75,8 +99,23 @@ class JSONSchemaFormat(BaseModel):
         return value
 
 
+def required_unless(field: str, key: str, values: list[str]) -> dict[str, Any]:
+    """JSON Schema for "`field` must be given (not null) unless `key` is one of `values`", so the
+    published schema says what a model validator checks."""
+    return {
+        "anyOf": [
+            {"properties": {key: {"enum": values}}},
+            {"required": [field], "properties": {field: {"not": {"type": "null"}}}},
+        ]
+    }
+
+
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra=required_unless("json_schema", "type", ["text", "json_object"]),
+    )
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -88,56 +127,56 @@ class ResponseFormat(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions.
 
-    model_config = ConfigDict(extra="allow")
+    Strict types, as OpenAI's own API: `"max_tokens": "5"` is an error, not a 5. Extra fields are
+    kept only to be refused by name; the published schema says no extra fields.
+    """
+
+    model_config = ConfigDict(
+        extra="allow", strict=True, json_schema_extra={"additionalProperties": False}
+    )
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    max_tokens: TokenCount | None = None
     temperature: FiniteFloat = Field(default=1.0, ge=0.0, le=2.0)
     top_p: FiniteFloat = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, le=1 << 20)
+    top_k: Annotated[int, Field(ge=0, le=1 << 20), WHOLE] = 0
     min_p: FiniteFloat = Field(default=0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
-    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     presence_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
-    repeat_penalty: FiniteFloat = Field(default=1.0, gt=0.0, le=10.0)
-    logit_bias: dict[str, FiniteFloat] | None = None
-    n: int = Field(default=1, ge=1, le=256)
+    # at least 0.01: llama.cpp divides logits by it in float32, and a zero there makes NaNs
+    repeat_penalty: FiniteFloat = Field(default=1.0, ge=0.01, le=10.0)
+    logit_bias: (
+        Annotated[dict[TokenId, Bias], Field(json_schema_extra={"additionalProperties": False})]
+        | None
+    ) = None
+    n: Annotated[int, Field(ge=1, le=256), WHOLE] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     ignore_eos: bool = False  # extension used by benchmarks (vLLM and llama.cpp accept it too)
+    # accepted so standard clients work; they change nothing for a local server
+    user: str | None = Field(default=None, max_length=256)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = Field(default=None, max_length=64)
 
     @model_validator(mode="after")
     def _no_unknown_fields(self) -> SamplingRequest:
         for name in self.model_extra or {}:
             if name in UNSUPPORTED_FIELDS:
                 raise ValueError(f"`{name}` is not supported by this server")
-            if name not in IGNORED_FIELDS:
-                raise ValueError(f"Unrecognized request argument supplied: {name}")
+            raise ValueError(f"Unrecognized request argument supplied: {name}")
         return self
 
     @field_validator("stop")
     @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> list[str]:
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
-        if any(len(s) > MAX_STOP_LENGTH for s in stops):
-            raise ValueError(f"stop strings are limited to {MAX_STOP_LENGTH} characters")
         return [s for s in stops if s]
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError("biases must be between -100 and 100")
-        return value
 
     @property
     def include_usage(self) -> bool:
@@ -157,13 +196,17 @@ class SamplingRequest(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra=required_unless("content", "role", ["assistant"]),
+    )
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -182,9 +225,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
 
     @property
     def token_limit(self) -> int | None:
@@ -196,19 +239,14 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] = Field(max_length=1 << 20)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt: PromptText | TokenIds | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
+    logprobs: TopLogprobs | None = None
 
     @field_validator("prompt")
     @classmethod
     def _single_prompt(cls, value: str | list[int] | list[str]) -> str | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("only one prompt per request is supported")
-            value = value[0]
-        if len(value) == 0:
-            raise ValueError("prompt must not be empty")
-        return value
+        """One prompt per request: a one-string list is that string."""
+        return value[0] if isinstance(value, list) and isinstance(value[0], str) else value
 
     @property
     def token_limit(self) -> int | None:

@@ -144,6 +144,7 @@ class Rejected:
     request_id: str
     message: str
     param: str | None = None
+    code: str | None = None  # machine-readable reason, e.g. "context_length_exceeded"
     timed_out: bool = False  # waited in the queue past its deadline
 
 

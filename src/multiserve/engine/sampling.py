@@ -32,6 +32,12 @@ def grammar_for(json_schema: str) -> str:
         ) from None
 
 
+# Below this temperature, logits divided by it can overflow float32 to inf, and inf - inf is NaN:
+# the chain could then pick a token the grammar forbids, and llama.cpp aborts the process.
+# Such temperatures mean "take the likeliest token" anyway.
+GREEDY_BELOW = 1e-4
+
+
 class Sampler:
     """A llama.cpp sampler chain owned by one choice; `free` it when the choice ends."""
 
@@ -63,7 +69,7 @@ class Sampler:
                     params.presence_penalty,
                 )
             )
-        if params.temperature <= 0.0:
+        if params.temperature < GREEDY_BELOW:
             # plain greedy needs no chain: an argmax over llama.cpp's logits is ten times
             # cheaper than the chain copying all of a large vocabulary into candidates
             self._argmax_only = ll.llama_sampler_chain_n(self._chain) == 0

@@ -87,9 +87,9 @@ class Scheduler:
         try:
             job = self._make_job(request)
         except SamplingError as exc:
-            return Rejected(request.request_id, str(exc), exc.param)
+            return Rejected(request.request_id, str(exc), exc.param, code="unsupported_schema")
         except _Refusal as exc:
-            return Rejected(request.request_id, exc.message, exc.param)
+            return Rejected(request.request_id, exc.message, exc.param, code=exc.code)
         self.waiting.append(job)
         return None
 
@@ -145,9 +145,9 @@ class Scheduler:
 
         for job, index in prompts_done:
             self.prefilling.remove(job)
+            for choice in job.choices[1:]:  # fork all before sampling: the leader may finish
+                self.runtime.fork(job.leader.slot, choice.slot)
             for choice in job.choices:
-                if choice is not job.leader:
-                    self.runtime.fork(job.leader.slot, choice.slot)
                 choice.n_past = len(job.prompt)
                 self.running.append(choice)
                 events.append(self._sample(choice, index))
@@ -189,7 +189,9 @@ class Scheduler:
         for job in [j for j in self.waiting if j.deadline is not None and j.deadline < now]:
             self.waiting.remove(job)
             self._drop(job.choices)
-            events.append(Rejected(job.request_id, "timed out waiting in the queue", None, True))
+            events.append(
+                Rejected(job.request_id, "timed out waiting in the queue", timed_out=True)
+            )
         while self.waiting and len(self.free_slots) >= len(self.waiting[0].choices):
             job = self.waiting.popleft()
             for choice in job.choices:
@@ -240,19 +242,24 @@ class Scheduler:
             bad = next((t for t in prompt if not 0 <= t < runtime.n_vocab), None)
             if bad is not None:
                 raise _Refusal(
-                    f"token id {bad} is outside the vocabulary (0..{runtime.n_vocab - 1})", "prompt"
+                    f"token id {bad} is outside the vocabulary (0..{runtime.n_vocab - 1})",
+                    "prompt",
+                    "token_out_of_vocabulary",
                 )
         if not prompt:
-            raise _Refusal("the prompt is empty after tokenization", "prompt")
+            raise _Refusal("the prompt is empty after tokenization", "prompt", "empty_prompt")
         bad_bias = next((t for t, _ in params.logit_bias if t >= runtime.n_vocab), None)
         if bad_bias is not None:
             raise _Refusal(
-                f"logit_bias token id {bad_bias} is outside the vocabulary", "logit_bias"
+                f"logit_bias token id {bad_bias} is outside the vocabulary",
+                "logit_bias",
+                "token_out_of_vocabulary",
             )
         if request.n > runtime.config.n_seq_max:
             raise _Refusal(
                 f"n={request.n} exceeds this model's {runtime.config.n_seq_max} parallel sequences",
                 "n",
+                "n_too_large",
             )
         room = self.n_ctx - len(prompt)
         wanted = params.max_tokens if params.max_tokens is not None else room
@@ -262,6 +269,7 @@ class Scheduler:
                 f"requested {len(prompt) + wanted} tokens ({len(prompt)} in the prompt, "
                 f"{wanted} for the completion). Please reduce the prompt or max_tokens.",
                 "max_tokens" if room >= 1 else "messages",
+                "context_length_exceeded",
             )
         grammar = grammar_for(params.json_schema) if params.json_schema is not None else None
         choices: list[Choice] = []
@@ -286,7 +294,8 @@ class Scheduler:
 
 
 class _Refusal(Exception):
-    def __init__(self, message: str, param: str | None) -> None:
+    def __init__(self, message: str, param: str | None, code: str) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
