@@ -133,6 +133,8 @@ def toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     return json.dumps(str(value))  # a JSON string of plain text is a valid TOML basic string
 
 
@@ -141,10 +143,15 @@ def model_table(model_id: str, **fields: object) -> dict[str, object]:
 
 
 def write_config(
-    path: Path, threads: int, models: Sequence[dict[str, object]], share_cores: bool = True
+    path: Path,
+    threads: int,
+    models: Sequence[dict[str, object]],
+    share_cores: bool = True,
+    server_fields: dict[str, object] | None = None,
 ) -> Path:
     lines = [f"host = {toml_value(HOST)}", f"threads = {threads}"]
     lines.append(f"share_cores = {toml_value(share_cores)}")
+    lines += [f"{k} = {toml_value(v)}" for k, v in (server_fields or {}).items()]
     for model in models:
         lines += ["", "[[models]]", *(f"{k} = {toml_value(v)}" for k, v in model.items())]
     path.write_text("\n".join(lines) + "\n")
@@ -165,9 +172,10 @@ def fleet_server(
     name: str,
     models: Sequence[dict[str, object]],
     share_cores: bool = True,
+    server_fields: dict[str, object] | None = None,
 ) -> Iterator[Server]:
     """A server on a generated config; stopped on exit, its log shown if anything failed."""
-    config = write_config(tmp / f"{name}.toml", args.threads, models, share_cores)
+    config = write_config(tmp / f"{name}.toml", args.threads, models, share_cores, server_fields)
     command = [sys.executable, "-m", "multiserve", "serve", "--config", str(config)]
     command += ["--port", str(args.port)]
     log = tmp / f"{name}.log"

@@ -4,6 +4,7 @@ content types and bodies, invalid data refused, missing keys refused; the server
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def schema_valid_data_is_served(ctx, response, case) -> None:
 
 @schema.parametrize()
 @settings(
-    max_examples=40,
+    max_examples=int(os.environ.get("MULTISERVE_FUZZ_EXAMPLES", "40")),  # more for a deep run
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )

@@ -96,9 +96,15 @@ def _raw_exchange(url: str, head: bytes, pieces: int = 1) -> bytes:
         return answer
 
 
-@pytest.mark.parametrize("pieces", [1, 64], ids=["one-write", "trickled"])
-def test_oversized_request_head_is_431_and_the_server_carries_on(server, pieces: int) -> None:
-    big = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"j" * 200_000 + b"\r\n\r\n"
+@pytest.mark.parametrize(
+    ("size", "pieces"),
+    [(40_000, 1), (200_000, 1), (200_000, 64)],
+    ids=["whole-in-one-read", "one-write", "trickled"],
+)
+def test_oversized_request_head_is_431_and_the_server_carries_on(
+    server, size: int, pieces: int
+) -> None:
+    big = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"j" * size + b"\r\n\r\n"
     answer = _raw_exchange(server.url, big, pieces)
     status, _, rest = answer.partition(b"\r\n")
     assert status == b"HTTP/1.1 431 Request Header Fields Too Large"

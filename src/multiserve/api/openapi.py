@@ -30,6 +30,7 @@ class ErrorResponse(BaseModel):
 _MEANINGS = {
     400: "Invalid request; `error.param` names the parameter.",
     404: "Unknown model.",
+    405: "The path reads as another route (e.g. an id with a raw '?' or '#'): percent-encode it.",
     409: "The model is busy.",
     503: "Overloaded, loading, failed or shutting down; see the Retry-After header.",
 }

@@ -234,7 +234,7 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [_model_card(e) for e in entries]}
 
 
-@router.post("/v1/models/{model_id:path}/load", responses=error_responses(404, 503))
+@router.post("/v1/models/{model_id:path}/load", responses=error_responses(404, 405, 503))
 async def load_model(model_id: str, request: Request) -> dict:
     state = _state(request)
     entry = _entry(state, model_id)
@@ -245,7 +245,7 @@ async def load_model(model_id: str, request: Request) -> dict:
     return _model_card(entry)
 
 
-@router.post("/v1/models/{model_id:path}/unload", responses=error_responses(404, 409))
+@router.post("/v1/models/{model_id:path}/unload", responses=error_responses(404, 405, 409))
 async def unload_model(model_id: str, request: Request, wait: bool = False) -> dict:
     state = _state(request)
     entry = _entry(state, model_id)
