@@ -42,7 +42,22 @@ def test_prompt_plus_max_tokens_beyond_context_gives_both_numbers(http) -> None:
     error = _error(http.post("/v1/completions", json=body), 400)
     assert "256" in error["message"]  # the context
     assert "1000" in error["message"]  # what was asked
-    assert error["param"] == "max_tokens"
+    assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
+
+
+def test_n_beyond_the_models_slots_is_400(http) -> None:
+    # n choices run side by side, one sequence each: never more than the model's slots
+    body = {"model": "tiny-2slots", "prompt": "hi", "max_tokens": 2, "n": 3}
+    error = _error(http.post("/v1/completions", json=body), 400)
+    assert (error["param"], error["code"]) == ("n", "n_too_large")
+    assert "2" in error["message"]
+
+
+def test_each_choice_must_fit_the_context(http) -> None:
+    # each of the n sequences holds the prompt plus its own max_tokens
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 255, "n": 2}  # 3 + 255 > 256
+    error = _error(http.post("/v1/completions", json=body), 400)
+    assert error["code"] == "context_length_exceeded"
 
 
 def test_prompt_alone_beyond_context(http) -> None:
@@ -110,13 +125,13 @@ def test_unknown_field_is_refused(http) -> None:
 def test_logit_bias_outside_vocabulary(http) -> None:
     body = {**GOOD_CHAT, "logit_bias": {"99999999": 5}}
     error = _error(http.post("/v1/chat/completions", json=body), 400)
-    assert error["param"] == "logit_bias"
+    assert (error["param"], error["code"]) == ("logit_bias", "token_out_of_vocabulary")
 
 
 def test_token_prompt_outside_vocabulary(http) -> None:
     body = {"model": "tiny", "prompt": [1, 10**7], "max_tokens": 1}
     error = _error(http.post("/v1/completions", json=body), 400)
-    assert error["param"] == "prompt"
+    assert (error["param"], error["code"]) == ("prompt", "token_out_of_vocabulary")
 
 
 def test_empty_prompt(http) -> None:
