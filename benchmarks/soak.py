@@ -8,8 +8,9 @@ model (`embedded:gemma-3-270m`) under two ids: `a` (4 slots, queue 8) and `b` (2
 the overload target). Five kinds of client run at the same time until the time is up:
 
 * good (3 loops): chat and text completions, streamed and not, to `a` and `b`, greedy with
-  `ignore_eos`, so each must return exactly its `max_tokens`. A 503 is retried after its
-  Retry-After (as a well-behaved client would); anything else is a failure.
+  `ignore_eos`, so each must return exactly its `max_tokens`. A 503 `queue_full` or
+  `queue_timeout` is retried after its Retry-After (as a well-behaved client would); anything
+  else (another 503 included) is a failure.
 * bad (1 loop): invalid JSON, a string `max_tokens`, an unknown model, a wrong key, a body over
   the limit, a header over the limit (raw socket), a prompt over the context, `n` over the slots,
   a token id outside the vocabulary, a remote `$ref`, GET on a POST route. Each must get its
@@ -21,9 +22,10 @@ the overload target). Five kinds of client run at the same time until the time i
 
 Memory and descriptors are sampled for the API process and every worker at quiet points (all
 clients stopped and their connections closed): after the warm-up (start) and after the soak
-(end), with RSS also sampled every 5 s in between. It passes when every good request succeeded,
-every bad one got its status, nothing answered 5xx, no worker died, the server reports nothing
-still in flight, and per process RSS grew by at most 16 MiB + 5% and descriptors not at all.
+(end), with RSS also sampled every 5 s in between. It passes when, over the warm-up and the soak,
+every good request succeeded, every bad one got its status, nothing answered 5xx, no model's
+worker died or was replaced since the server became ready, the server reports nothing still in
+flight, and per process RSS grew by at most 16 MiB + 5% and descriptors not at all.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from rich.table import Table
 
 from fleet import (  # benchmarks/ is sys.path[0] when this file runs as a script
     Server,
+    _error_code,
     check_complete,
     fleet_server,
     http_client,
@@ -70,6 +73,7 @@ BURST_EVERY_S = 10.0
 BURST_FACTOR = 3
 SAMPLE_EVERY_S = 5.0
 MAX_RETRIES = 20
+MAX_RETRY_WAIT_S = 2.0
 RSS_SLACK_BYTES = 16 * 2**20
 RSS_SLACK_SHARE = 0.05
 QUIET_S = 1.0  # after closing every client, for the server to see the connections go
@@ -118,11 +122,18 @@ def good_body(rng: random.Random, model: str, chat: bool, stream: bool) -> dict[
     return body
 
 
+OVERLOAD_CODES = ("queue_full", "queue_timeout")  # the 503s a good client waits out
+
+
 async def exchange(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> tuple[int, str]:
-    """Send one request; (status, problem) where problem is "" for a complete answer."""
+    """Send one request; (status, problem): "" for a complete answer, the Retry-After seconds
+    for an overload 503, the response text for anything else."""
     async with client.stream("POST", path, json=body, headers=AUTH) as response:
         if response.status_code != 200:
             await response.aread()
+            retry_after = response.headers.get("retry-after", "")
+            if response.status_code == 503 and _error_code(response) in OVERLOAD_CODES:
+                return 503, retry_after
             return response.status_code, response.text[:200]
         if not body["stream"]:
             await response.aread()
@@ -147,11 +158,11 @@ async def good_loop(client: httpx.AsyncClient, deadline: float, seed: int, tally
         model, chat, stream = rng.choice("ab"), rng.random() < 0.5, rng.random() < 0.5
         path = "/v1/chat/completions" if chat else "/v1/completions"
         body = good_body(rng, model, chat, stream)
-        for attempt in range(MAX_RETRIES):
+        for _ in range(MAX_RETRIES):
             status, problem = await exchange(client, path, body)
-            if status == 503:
+            if status == 503 and problem.isdigit():  # overloaded: wait as told, then again
                 tally.good["retried"] += 1
-                await asyncio.sleep(min(2.0, 0.2 * (attempt + 1)))
+                await asyncio.sleep(min(MAX_RETRY_WAIT_S, float(problem)))
                 continue
             if status == 200 and not problem:
                 tally.good["ok"] += 1
@@ -174,11 +185,14 @@ async def raw_oversized_head(port: int) -> int:
     with contextlib.suppress(ConnectionError):
         writer.write(head)
         await writer.drain()
-    status_line = await reader.readline()
+    status_line = b""
+    with contextlib.suppress(ConnectionError):
+        status_line = await reader.readline()
     writer.close()
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
-    return int(status_line.split()[1])
+    parts = status_line.split()
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0  # 0: no answer
 
 
 def bad_cases(port: int) -> list[tuple[str, int, Callable[[httpx.AsyncClient], Awaitable[Any]]]]:
@@ -218,13 +232,26 @@ def bad_cases(port: int) -> list[tuple[str, int, Callable[[httpx.AsyncClient], A
     ]
 
 
+def has_error_body(response: httpx.Response) -> bool:
+    with contextlib.suppress(ValueError):
+        return "error" in response.json()
+    return False
+
+
 async def bad_loop(client: httpx.AsyncClient, deadline: float, port: int, tally: Tally) -> None:
     cases = bad_cases(port)
     while time.monotonic() < deadline:
         for name, expected, request in cases:
             answer = await request(client)
             status = answer if isinstance(answer, int) else answer.status_code
-            error_body = isinstance(answer, int) or "error" in answer.json()
+            error_body = (
+                isinstance(answer, int)
+                or _error_code(answer) is not None
+                or (
+                    answer.headers.get("content-type") == "application/json"
+                    and "error" in answer.json()
+                )
+            )
             if status == expected and error_body:
                 tally.bad[name] += 1
             else:
@@ -363,7 +390,9 @@ async def traffic(server: Server, port: int, seconds: float, tally: Tally, seed:
     return trace
 
 
-async def quiet_sample(server: Server, port: int) -> tuple[dict[int, ProcessSample], dict]:
+async def quiet_sample(
+    server: Server, port: int
+) -> tuple[dict[int, ProcessSample], dict[str, int], dict[int, str]]:
     """Wait until the server has nothing in flight, then sample every process."""
     async with http_client(port, connections=1) as client:
         client.headers.update(AUTH)
@@ -378,22 +407,30 @@ async def quiet_sample(server: Server, port: int) -> tuple[dict[int, ProcessSamp
             await asyncio.sleep(0.2)
     await asyncio.sleep(QUIET_S)
     workers = {s["worker_pid"]: m for m, s in stats["models"].items() if s["worker_pid"]}
-    return sample_processes(server, workers), in_system
+    return sample_processes(server, workers), in_system, workers
+
+
+async def model_workers(port: int) -> dict[int, str]:
+    """Worker pid -> model, from /stats."""
+    async with http_client(port, connections=1) as client:
+        stats = (await client.get("/stats", headers=AUTH)).json()
+    return {s["worker_pid"]: m for m, s in stats["models"].items() if s["worker_pid"]}
 
 
 async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     async with http_client(args.port) as client:
         await wait_ready(client, server, loaded=list(MODELS))
+    ready_workers = await model_workers(args.port)
     console.print(f"warm-up: {args.warmup:.0f} s of the full mix")
     warm = Tally()
     await traffic(server, args.port, args.warmup, warm, seed=1)
-    start, _ = await quiet_sample(server, args.port)
+    start, _, _ = await quiet_sample(server, args.port)
     console.print(f"soak: {args.duration:.0f} s")
     tally = Tally()
     began = time.monotonic()
     trace = await traffic(server, args.port, args.duration, tally, seed=2)
     elapsed = time.monotonic() - began
-    end, in_system = await quiet_sample(server, args.port)
+    end, in_system, end_workers = await quiet_sample(server, args.port)
     async with http_client(args.port) as client:
         health = (await client.get("/health")).status_code
     return {
@@ -403,6 +440,8 @@ async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
         "start": {pid: asdict(s) for pid, s in start.items()},
         "end": {pid: asdict(s) for pid, s in end.items()},
         "in_system_at_end": in_system,
+        "workers_at_ready": ready_workers,
+        "workers_at_end": end_workers,
         "health_at_end": health,
         "rss_trace": trace,
     }
@@ -411,11 +450,18 @@ async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
 # -- verdicts and report ---------------------------------------------------------------------
 
 
+def merged(result: dict[str, Any], kind: str) -> dict[str, int]:
+    """Counts of one kind of traffic over the warm-up and the soak together."""
+    total = Counter(result["warmup"][kind])
+    total.update(result["tally"][kind])
+    return dict(total)
+
+
 def verdicts(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    tally, start, end = result["tally"], result["start"], result["end"]
-    good = tally["good"]
-    bad_total = sum(v for k, v in tally["bad"].items() if k != "unexpected")
-    over = tally["overload"]
+    start, end = result["start"], result["end"]
+    good, over = merged(result, "good"), merged(result, "overload")
+    bad = merged(result, "bad")
+    bad_total = sum(v for k, v in bad.items() if k != "unexpected")
     checks = [
         (
             "every good request completed",
@@ -425,8 +471,8 @@ def verdicts(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ),
         (
             "every bad request got its 4xx",
-            bad_total > 0 and not tally["bad"].get("unexpected"),
-            f"{bad_total} as expected, {tally['bad'].get('unexpected', 0)} not",
+            bad_total > 0 and not bad.get("unexpected"),
+            f"{bad_total} as expected, {bad.get('unexpected', 0)} not",
         ),
         (
             "overload: complete 200 or 503 queue_full",
@@ -440,9 +486,11 @@ def verdicts(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
             f"in system {result['in_system_at_end']}, /health {result['health_at_end']}",
         ),
         (
-            "no process died or appeared",
-            set(start) == set(end),
-            f"{len(start)} processes at start, {len(end)} at end",
+            "no worker died or restarted, no process appeared",
+            result["workers_at_ready"] == result["workers_at_end"] and set(start) == set(end),
+            f"model workers {sorted(result['workers_at_ready'])} at ready, "
+            f"{sorted(result['workers_at_end'])} at end; {len(start)} processes after warm-up, "
+            f"{len(end)} at end",
         ),
     ]
     for pid in sorted(set(start) & set(end)):
@@ -474,7 +522,7 @@ def render(result: dict[str, Any], checks: Sequence[tuple[str, bool, str]]) -> T
     table.add_column("numbers")
     for name, ok, numbers in checks:
         table.add_row(name, "[green]PASS[/green]" if ok else "[red]FAIL[/red]", numbers)
-    cancelled = ", ".join(f"{v} {k}" for k, v in result["tally"]["cancelled"].items())
+    cancelled = ", ".join(f"{v} {k}" for k, v in merged(result, "cancelled").items())
     table.add_row("cancelled requests", "", cancelled)
     return table
 
@@ -502,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["machine"] = machine_info()
     result["checks"] = [{"check": n, "pass": ok, "numbers": s} for n, ok, s in checks]
     console.print(render(result, checks))
-    for failure in result["tally"]["failures"]:
+    for failure in result["warmup"]["failures"] + result["tally"]["failures"]:
         console.print(f"[red]{failure}[/red]")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

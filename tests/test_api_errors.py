@@ -158,6 +158,11 @@ def test_streaming_request_errors_before_streaming(http) -> None:
 def test_unknown_route_and_method(http) -> None:
     _error(http.get("/v1/nothing"), 404)
     _error(http.get("/v1/chat/completions"), 405)
+    # model ids may hold '/', but GET .../unload is a wrong method, not a model "tiny/unload"
+    for method in ("GET", "PUT", "DELETE"):
+        refused = http.request(method, "/v1/models/tiny/unload")
+        _error(refused, 405)
+        assert refused.headers["allow"] == "POST"
 
 
 def test_remote_schema_ref_is_refused_not_fetched(http) -> None:

@@ -32,6 +32,7 @@ _MEANINGS = {
     404: "Unknown model.",
     405: "The path reads as another route (e.g. an id with a raw '?' or '#'): percent-encode it.",
     409: "The model is busy.",
+    500: "llama.cpp failed to compute the request (`decode_failed`).",
     503: "Overloaded, loading, failed or shutting down; see the Retry-After header.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds", "schema": {"type": "string"}}}
@@ -97,8 +98,8 @@ def _document(app: FastAPI, protected: bool, public_paths: frozenset[str]) -> di
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             responses = operation["responses"]
-            responses.pop("422", None)  # validation failures are 400s here
-            responses.setdefault("400", _error_ref(_MEANINGS[400]))  # e.g. an unknown query
+            if responses.pop("422", None) is not None:  # validation failures are 400s here
+                responses.setdefault("400", _error_ref(_MEANINGS[400]))
             for status, description in _EDGE_ERRORS.items():
                 if method == "post" or status == 431:
                     responses[str(status)] = _error_ref(description)

@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -34,15 +34,7 @@ class ServerState:
     draining: bool = False
 
 
-def _known_query_only(request: Request) -> None:
-    """A misspelt query parameter (`?wiat=true`) is refused, as unknown body fields are."""
-    declared = {param.alias for param in request.scope["route"].dependant.query_params}
-    unknown = sorted(set(request.query_params) - declared)
-    if unknown:
-        raise APIError(400, f"Unrecognized query parameter: {unknown[0]}", param=unknown[0])
-
-
-router = APIRouter(dependencies=[Depends(_known_query_only)])
+router = APIRouter()
 _HEALTH = {
     503: {
         "description": "Draining for shutdown: send traffic elsewhere.",
@@ -181,7 +173,7 @@ async def _complete(request: Request, body: SamplingRequest, build) -> Response:
     )
 
 
-@router.post("/v1/chat/completions", responses=EVENT_STREAM | error_responses(400, 404, 503))
+@router.post("/v1/chat/completions", responses=EVENT_STREAM | error_responses(400, 404, 500, 503))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     def build(entry: ModelEntry, engine: EngineClient) -> tuple[str, bool, ResponseFormat]:
         info = engine.info
@@ -208,7 +200,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _complete(request, body, build)
 
 
-@router.post("/v1/completions", responses=EVENT_STREAM | error_responses(400, 404, 503))
+@router.post("/v1/completions", responses=EVENT_STREAM | error_responses(400, 404, 500, 503))
 async def completions(body: CompletionRequest, request: Request) -> Response:
     def build(entry: ModelEntry, engine: EngineClient) -> tuple[object, bool, ResponseFormat]:
         prompt = body.prompt if isinstance(body.prompt, str) else tuple(body.prompt)
@@ -277,11 +269,13 @@ _NOT_POST = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
     "/v1/models/{model_id:path}/unload", methods=_NOT_POST, include_in_schema=False
 )
 async def model_action_without_post(model_id: str, request: Request) -> dict:
-    full_id = request.url.path.removeprefix("/v1/models/")
-    entry = _state(request).fleet.resolve(full_id)
-    if entry is not None:  # a model really named ".../load"
-        return _model_card(entry)
-    raise APIError(405, "Use POST to load or unload a model.", headers={"Allow": "POST"})
+    action = request.scope["path"].rsplit("/", 1)[1]
+    entry = _state(request).fleet.resolve(f"{model_id}/{action}")
+    if entry is None:
+        raise APIError(405, f"Use POST to {action} a model.", headers={"Allow": "POST"})
+    if request.method != "GET":  # a model really named ".../load": its card is GET only
+        raise APIError(405, "Method Not Allowed", headers={"Allow": "GET"})
+    return _model_card(entry)
 
 
 @router.get("/health", responses=_HEALTH)

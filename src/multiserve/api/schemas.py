@@ -7,6 +7,7 @@ learn we ignore them rather than get a silently tool-less answer.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,7 +15,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    StringConstraints,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -53,11 +54,32 @@ TokenCount = Annotated[int, Field(ge=1, le=1 << 20), WHOLE]
 TopLogprobs = Annotated[int, Field(ge=0, le=20), WHOLE]
 Seed = Annotated[int, WHOLE]  # any integer: it is reduced modulo llama.cpp's seed range
 MAX_PROMPT_CHARS = 1 << 22
-PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-TokenIds = Annotated[
-    list[Annotated[int, Field(ge=0, lt=1 << 31), WHOLE]], Field(min_length=1, max_length=1 << 20)
-]
-TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,10}$")]
+MAX_PROMPT_TOKENS = 1 << 20
+TOKEN_KEY = r"^[0-9]{1,10}$"
+TokenIdValue = Annotated[int, Field(ge=0, lt=1 << 31), WHOLE]
+# Published as JSON Schema, checked by validators below with messages that say what to do.
+PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
+        {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0, "maximum": (1 << 31) - 1},
+            "minItems": 1,
+            "maxItems": MAX_PROMPT_TOKENS,
+        },
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
+            "minItems": 1,
+            "maxItems": 1,
+        },
+    ]
+}
+LOGIT_BIAS_SCHEMA = {
+    "type": "object",
+    "patternProperties": {TOKEN_KEY: {"type": "number", "minimum": -100, "maximum": 100}},
+    "additionalProperties": False,
+}
 StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 
@@ -149,10 +171,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
     # at least 0.01: llama.cpp divides logits by it in float32, and a zero there makes NaNs
     repeat_penalty: FiniteFloat = Field(default=1.0, ge=0.01, le=10.0)
-    logit_bias: (
-        Annotated[dict[TokenId, Bias], Field(json_schema_extra={"additionalProperties": False})]
-        | None
-    ) = None
+    logit_bias: Annotated[dict[str, Bias], WithJsonSchema(LOGIT_BIAS_SCHEMA)] | None = None
     n: Annotated[int, Field(ge=1, le=256), WHOLE] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -177,6 +196,14 @@ class SamplingRequest(BaseModel):
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
         return [s for s in stops if s]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        bad = next((key for key in value or {} if not re.fullmatch(TOKEN_KEY, key)), None)
+        if bad is not None:
+            raise ValueError(f"keys must be token ids, got {bad!r}")
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -239,14 +266,24 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: PromptText | TokenIds | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
+    prompt: Annotated[str | list[TokenIdValue] | list[str], WithJsonSchema(PROMPT_SCHEMA)]
     logprobs: TopLogprobs | None = None
 
     @field_validator("prompt")
     @classmethod
     def _single_prompt(cls, value: str | list[int] | list[str]) -> str | list[int]:
         """One prompt per request: a one-string list is that string."""
-        return value[0] if isinstance(value, list) and isinstance(value[0], str) else value
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise ValueError("only one prompt per request is supported")
+            value = value[0]
+        if len(value) == 0:
+            raise ValueError("prompt must not be empty")
+        if isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        if isinstance(value, list) and len(value) > MAX_PROMPT_TOKENS:
+            raise ValueError(f"prompt has more than {MAX_PROMPT_TOKENS} token ids")
+        return value
 
     @property
     def token_limit(self) -> int | None:

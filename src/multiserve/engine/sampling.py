@@ -32,9 +32,10 @@ def grammar_for(json_schema: str) -> str:
         ) from None
 
 
-# Below this temperature, logits divided by it can overflow float32 to inf, and inf - inf is NaN:
-# the chain could then pick a token the grammar forbids, and llama.cpp aborts the process.
-# Such temperatures mean "take the likeliest token" anyway.
+# Logits divided by a vanishing temperature overflow float32 to inf (with logits near 100, below
+# about 1e-36), and inf - inf is NaN: the chain could then pick a token the grammar forbids, and
+# llama.cpp aborts the process. 1e-4 is a wide margin; such temperatures mean "take the likeliest
+# token" anyway.
 GREEDY_BELOW = 1e-4
 
 
