@@ -125,6 +125,15 @@ def test_vanishing_temperature_with_a_grammar_decodes_greedily(server) -> None:
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
+def test_explicit_nulls_mean_defaults(server) -> None:
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "logprobs", "stop", "seed"))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    with server.http() as http:
+        reply = http.post("/v1/chat/completions", json={**body, **nulls})
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 1
+
+
 def test_n_in_a_stream(server) -> None:
     stream = server.openai.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=4, stream=True

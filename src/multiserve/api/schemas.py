@@ -148,16 +148,27 @@ class ResponseFormat(BaseModel):
         return self
 
 
+def _nulls_allowed(schema: dict[str, Any]) -> None:
+    """Publish what `_null_means_default` does: every optional field may be null. And no extra
+    fields: they are kept only to be refused by name."""
+    schema["additionalProperties"] = False
+    required = set(schema.get("required", ()))
+    for name, prop in schema["properties"].items():
+        alternatives = prop.get("anyOf", [prop])
+        if name in required or any(alt.get("type") == "null" for alt in alternatives):
+            continue
+        meta = {k: prop.pop(k) for k in ("title", "default", "description") if k in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **meta}
+
+
 class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions.
 
-    Strict types, as OpenAI's own API: `"max_tokens": "5"` is an error, not a 5. Extra fields are
-    kept only to be refused by name; the published schema says no extra fields.
+    Strict types, as OpenAI's own API: `"max_tokens": "5"` is an error, not a 5; null means the
+    default. Extra fields are kept only to be refused by name.
     """
 
-    model_config = ConfigDict(
-        extra="allow", strict=True, json_schema_extra={"additionalProperties": False}
-    )
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_nulls_allowed)
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: TokenCount | None = None
@@ -182,6 +193,14 @@ class SamplingRequest(BaseModel):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """`"temperature": null` is the default temperature, as in OpenAI's API."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
     @model_validator(mode="after")
     def _no_unknown_fields(self) -> SamplingRequest:
