@@ -16,3 +16,4 @@ bench:
 	.venv/bin/python benchmarks/serving_core.py
 	.venv/bin/python benchmarks/fleet.py
 	.venv/bin/python benchmarks/peers.py
+	.venv/bin/python benchmarks/soak.py
