@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -128,6 +129,62 @@ def test_endless_chunked_trailer_closes_the_connection(server) -> None:
     answer = _raw_exchange(server.url, head + chunked, pieces=64)
     assert b" 200 " not in answer.partition(b"\r\n")[0]
     with server.http() as http:
+        assert http.get("/v1/models").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def edge_server(tiny_model: Path, model_dir: Path):
+    config = model_dir / "edge.toml"
+    config.write_text(
+        "threads = 1\nheader_timeout = 1.0\nbody_timeout = 1.0\nmax_connections = 4\n"
+        '[[models]]\nid = "tiny"\npath = "tiny.gguf"\nn_ctx = 256\n'
+    )
+    with run_server(["--config", str(config)], model_dir) as server:
+        yield server
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"])
+def test_silent_or_trickling_client_is_cut_off_with_408(edge_server, sent: bytes) -> None:
+    with _connect(edge_server.url) as sock:
+        sock.sendall(sent)
+        started = time.monotonic()
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer
+        assert 0.5 < time.monotonic() - started < 5
+    with httpx.Client(base_url=edge_server.url) as http:
+        assert http.get("/v1/models").status_code == 200
+
+
+def test_trickled_body_is_cut_off_with_408(edge_server) -> None:
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n"
+    )
+    with _connect(edge_server.url) as sock:
+        sock.sendall(head + b'{"model": ')
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer
+    assert b"not received within 1 s" in answer
+
+
+def test_connections_over_the_cap_get_503_at_once(edge_server) -> None:
+    held = [_connect(edge_server.url) for _ in range(4)]
+    try:
+        with httpx.Client(base_url=edge_server.url) as http:
+            refused = http.get("/v1/models")
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "connections" in refused.json()["error"]["message"]
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)  # the server sees the held connections go
+    with httpx.Client(base_url=edge_server.url) as http:
         assert http.get("/v1/models").status_code == 200
 
 

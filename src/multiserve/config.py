@@ -121,6 +121,13 @@ class Settings(BaseModel):
     max_header_bytes: int = Field(
         default=32 * 2**10, ge=1024, le=2**24, description="request line plus headers"
     )
+    header_timeout: float = Field(
+        default=15.0, gt=0, le=3600, description="seconds a client may take to send a head"
+    )
+    body_timeout: float = Field(
+        default=60.0, gt=0, le=3600, description="seconds a client may take to send a body"
+    )
+    max_connections: int = Field(default=512, ge=1, le=1_000_000)
     drain_timeout: float = Field(default=30.0, ge=0, description="seconds to finish on SIGTERM")
     models: list[ModelSpec] = Field(default_factory=list)
 

@@ -36,7 +36,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(misdirected)
     app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     keys = settings.all_api_keys()
     public = frozenset({"/health"} | ({"/metrics"} if settings.metrics_public else set()))
     if keys:

@@ -1,8 +1,8 @@
 """The published OpenAPI document says what the server really answers.
 
 FastAPI's defaults promise a 422 we never send and omit the statuses we do (OpenAI error bodies
-with 400, 401, 404, 409, 413, 503; server-sent events for streams). Clients generated from the
-document, and the schema-driven fuzz tests, rely on it being true.
+with 400, 401, 404, 405, 408, 409, 413, 431, 500, 503; server-sent events for streams). Clients
+generated from the document, and the schema-driven fuzz tests, rely on it being true.
 """
 
 from __future__ import annotations
@@ -64,10 +64,13 @@ EVENT_STREAM: dict[int | str, dict[str, Any]] = {
     }
 }
 
-_EDGE_ERRORS = {
-    413: "Request body larger than `max_body_bytes`.",
-    431: "Request line and headers larger than `max_header_bytes`.",
-}
+# Answered before a route runs: (status, description, only for requests with a body)
+_EDGE_ERRORS = (
+    (408, "Request head or body not received within `header_timeout` / `body_timeout`.", False),
+    (413, "Request body larger than `max_body_bytes`.", True),
+    (431, "Request line and headers larger than `max_header_bytes`.", False),
+    (503, "More than `max_connections` open connections; see Retry-After.", False),
+)
 
 
 def publish_openapi(app: FastAPI, protected: bool, public_paths: frozenset[str]) -> None:
@@ -100,9 +103,9 @@ def _document(app: FastAPI, protected: bool, public_paths: frozenset[str]) -> di
             responses = operation["responses"]
             if responses.pop("422", None) is not None:  # validation failures are 400s here
                 responses.setdefault("400", _error_ref(_MEANINGS[400]))
-            for status, description in _EDGE_ERRORS.items():
-                if method == "post" or status == 431:
-                    responses[str(status)] = _error_ref(description)
+            for status, description, with_body in _EDGE_ERRORS:
+                if method == "post" or not with_body:
+                    responses.setdefault(str(status), _error_ref(description))
             if protected and path not in public_paths:
                 operation["security"] = [{"bearer": []}]
                 responses["401"] = _error_ref("Missing or wrong API key.")

@@ -6,8 +6,10 @@ API keys (`Authorization: Bearer`), compared in constant time, guard every route
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from multiserve.api.errors import error_body
@@ -63,11 +65,13 @@ class ApiKeyAuth:
 
 
 class BodyLimit:
-    """413 for a body over the limit, whether announced by Content-Length or streamed."""
+    """413 for a body over the limit, whether announced by Content-Length or streamed; 408 for
+    one that takes longer than `timeout` seconds to arrive (a slow trickle holding a socket)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -78,14 +82,22 @@ class BodyLimit:
             await _send_error(send, 413, f"Request body larger than {self.max_bytes} bytes.")
             return
         received = 0
+        body_done = False
+        deadline = time.monotonic() + self.timeout
 
         async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later receives wait for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                raise _TooSlow from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise _TooLarge
+                body_done = not message.get("more_body", False)
             return message
 
         started = False
@@ -100,7 +112,16 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await _send_error(send, 413, f"Request body larger than {self.max_bytes} bytes.")
+        except _TooSlow:
+            if not started:
+                await _send_error(
+                    send, 408, f"Request body not received within {self.timeout:g} s."
+                )
 
 
 class _TooLarge(BaseException):
     """Not an Exception: FastAPI turns body-reading Exceptions into a 400 before we see them."""
+
+
+class _TooSlow(BaseException):
+    """Not an Exception, for the same reason as _TooLarge."""

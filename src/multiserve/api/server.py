@@ -15,7 +15,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from multiserve.api.http_protocol import bounded_head_protocol
+from multiserve.api.http_protocol import ConnectionLimits, limited_protocol
 from multiserve.config import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ def serve(app: FastAPI, settings: Settings) -> None:
         port=settings.port,
         log_level="warning",
         timeout_graceful_shutdown=5,
-        http=bounded_head_protocol(settings.max_header_bytes),
+        http=limited_protocol(
+            ConnectionLimits(
+                settings.max_header_bytes, settings.header_timeout, settings.max_connections
+            )
+        ),
     )
     DrainingServer(config, app, settings.drain_timeout).run()
