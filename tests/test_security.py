@@ -27,6 +27,7 @@ def locked_server(tiny_model: Path, model_dir: Path):
     config.write_text(
         f'threads = 1\napi_keys = ["{KEYS[0]}", "{KEYS[1]}"]\napi_keys_file = "{keys_file}"\n'
         'max_body_bytes = 4096\ncors_origins = ["https://app.example"]\n'
+        "requests_per_minute = 60\nrate_limit_burst = 2\n"
         '[[models]]\nid = "tiny"\npath = "tiny.gguf"\nn_ctx = 256\n'
     )
     with run_server(["--config", str(config)], model_dir) as server:
@@ -148,12 +149,24 @@ def _connect(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=10)
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole response: its head, then as many body bytes as its Content-Length says."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 @pytest.mark.parametrize("sent", [b"", b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"])
 def test_silent_or_trickling_client_is_cut_off_with_408(edge_server, sent: bytes) -> None:
     with _connect(edge_server.url) as sock:
         sock.sendall(sent)
         started = time.monotonic()
-        answer = sock.recv(65536)
+        answer = _read_response(sock)
         assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer
         assert 0.5 < time.monotonic() - started < 5
     with httpx.Client(base_url=edge_server.url) as http:
@@ -167,7 +180,7 @@ def test_trickled_body_is_cut_off_with_408(edge_server) -> None:
     )
     with _connect(edge_server.url) as sock:
         sock.sendall(head + b'{"model": ')
-        answer = sock.recv(65536)
+        answer = _read_response(sock)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer
     assert b"not received within 1 s" in answer
 
@@ -186,6 +199,23 @@ def test_connections_over_the_cap_get_503_at_once(edge_server) -> None:
     time.sleep(0.2)  # the server sees the held connections go
     with httpx.Client(base_url=edge_server.url) as http:
         assert http.get("/v1/models").status_code == 200
+
+
+def test_a_key_over_its_rate_gets_429_and_other_keys_do_not_notice(locked_server) -> None:
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+
+    def complete(key: str) -> httpx.Response:
+        auth = {"Authorization": f"Bearer {key}"}
+        return httpx.post(f"{locked_server.url}/v1/completions", json=body, headers=auth)
+
+    assert [complete("k-from-file").status_code for _ in range(2)] == [200, 200]  # the burst
+    limited = complete("k-from-file")
+    error = _error(limited, 429)
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert int(limited.headers["retry-after"]) >= 1
+    assert complete(KEYS[1]).status_code == 200  # another key has its own bucket
+    time.sleep(1.1)  # 60 a minute: one more a second
+    assert complete("k-from-file").status_code == 200
 
 
 def test_cors_only_for_configured_origins(locked_server) -> None:

@@ -128,6 +128,12 @@ class Settings(BaseModel):
         default=60.0, gt=0, le=3600, description="seconds a client may take to send a body"
     )
     max_connections: int = Field(default=512, ge=1, le=1_000_000)
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, description="completion requests a minute per key (or address)"
+    )
+    rate_limit_burst: int | None = Field(
+        default=None, ge=1, description="requests a client may send at once; default rpm / 6"
+    )
     drain_timeout: float = Field(default=30.0, ge=0, description="seconds to finish on SIGTERM")
     models: list[ModelSpec] = Field(default_factory=list)
 

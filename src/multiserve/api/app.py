@@ -13,6 +13,7 @@ from multiserve import __version__
 from multiserve.api.errors import install_error_handlers
 from multiserve.api.metrics import Metrics
 from multiserve.api.openapi import publish_openapi
+from multiserve.api.rate_limit import RateLimiter
 from multiserve.api.routes import ServerState, misdirected, router
 from multiserve.api.security import ApiKeyAuth, BodyLimit
 from multiserve.config import Settings
@@ -32,7 +33,11 @@ def create_app(settings: Settings) -> FastAPI:
             await fleet.stop()
 
     app = FastAPI(title="multiserve", version=__version__, lifespan=lifespan)
-    app.state.server = ServerState(settings, fleet, Metrics(fleet), time.time())
+    limiter = None
+    if settings.requests_per_minute:
+        burst = settings.rate_limit_burst or max(1, settings.requests_per_minute // 6)
+        limiter = RateLimiter(settings.requests_per_minute, burst)
+    app.state.server = ServerState(settings, fleet, Metrics(fleet), time.time(), limiter)
     install_error_handlers(app)
     app.include_router(misdirected)
     app.include_router(router)

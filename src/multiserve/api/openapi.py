@@ -1,7 +1,7 @@
 """The published OpenAPI document says what the server really answers.
 
 FastAPI's defaults promise a 422 we never send and omit the statuses we do (OpenAI error bodies
-with 400, 401, 404, 405, 408, 409, 413, 431, 500, 503; server-sent events for streams). Clients
+with 400, 401, 404, 405, 408, 409, 413, 429, 431, 500, 503; server-sent events for streams). Clients
 generated from the document, and the schema-driven fuzz tests, rely on it being true.
 """
 
@@ -32,6 +32,7 @@ _MEANINGS = {
     404: "Unknown model.",
     405: "The path reads as another route (e.g. an id with a raw '?' or '#'): percent-encode it.",
     409: "The model is busy.",
+    429: "Over this key's `requests_per_minute`; see the Retry-After header.",
     500: "llama.cpp failed to compute the request (`decode_failed`).",
     503: "Overloaded, loading, failed or shutting down; see the Retry-After header.",
 }
@@ -43,7 +44,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     responses: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         responses[status] = {"model": ErrorResponse, "description": _MEANINGS[status]}
-        if status == 503:
+        if status in (429, 503):
             responses[status]["headers"] = _RETRY_AFTER
     return responses
 

@@ -16,6 +16,7 @@ from multiserve.api.formats import ChatFormat, ResponseFormat, TextFormat
 from multiserve.api.generation import generate
 from multiserve.api.metrics import Metrics
 from multiserve.api.openapi import EVENT_STREAM, error_responses
+from multiserve.api.rate_limit import RateLimiter, client_identity, retry_after_header
 from multiserve.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from multiserve.config import Settings
 from multiserve.engine.client import EngineClient
@@ -31,6 +32,7 @@ class ServerState:
     fleet: Fleet
     metrics: Metrics
     started: float
+    rate_limiter: RateLimiter | None = None
     draining: bool = False
 
 
@@ -60,7 +62,25 @@ def _unavailable(exc: ModelUnavailable) -> APIError:
     )
 
 
-async def _admitted(state: ServerState, body: SamplingRequest) -> tuple[ModelEntry, Ticket]:
+def _check_rate(state: ServerState, request: Request, model_id: str) -> None:
+    if state.rate_limiter is None:
+        return
+    address = request.client.host if request.client else None
+    client = client_identity(request.headers.get("authorization"), address)
+    wait = state.rate_limiter.wait_needed(client)
+    if wait > 0:
+        state.metrics.refused(model_id, "rate_limited")
+        raise APIError(
+            429,
+            "Rate limit reached for your key; retry after the Retry-After seconds.",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": retry_after_header(wait)},
+        )
+
+
+async def _admitted(
+    state: ServerState, request: Request, body: SamplingRequest
+) -> tuple[ModelEntry, Ticket]:
     if state.draining:
         raise APIError(
             503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"}
@@ -74,6 +94,7 @@ async def _admitted(state: ServerState, body: SamplingRequest) -> tuple[ModelEnt
             param="n",
             code="n_too_large",
         )
+    _check_rate(state, request, entry.spec.id)
     try:
         return entry, state.fleet.admit(entry)
     except Overloaded as exc:
@@ -138,7 +159,7 @@ async def _complete(request: Request, body: SamplingRequest, build) -> Response:
     """Admit, get the worker, build the engine request and format, and answer."""
     state = _state(request)
     arrived = time.monotonic()
-    entry, ticket = await _admitted(state, body)
+    entry, ticket = await _admitted(state, request, body)
     tracker = state.metrics.track(entry.spec.id)  # latencies count from arrival, loads included
     try:
         deadline = arrived + entry.spec.queue_timeout
@@ -173,7 +194,9 @@ async def _complete(request: Request, body: SamplingRequest, build) -> Response:
     )
 
 
-@router.post("/v1/chat/completions", responses=EVENT_STREAM | error_responses(400, 404, 500, 503))
+@router.post(
+    "/v1/chat/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503)
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     def build(entry: ModelEntry, engine: EngineClient) -> tuple[str, bool, ResponseFormat]:
         info = engine.info
@@ -200,7 +223,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _complete(request, body, build)
 
 
-@router.post("/v1/completions", responses=EVENT_STREAM | error_responses(400, 404, 500, 503))
+@router.post("/v1/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503))
 async def completions(body: CompletionRequest, request: Request) -> Response:
     def build(entry: ModelEntry, engine: EngineClient) -> tuple[object, bool, ResponseFormat]:
         prompt = body.prompt if isinstance(body.prompt, str) else tuple(body.prompt)

@@ -1,0 +1,55 @@
+"""Per-client request rate limits: a token bucket per API key (or per address without keys).
+
+Admission control protects the server from overload; this protects the other clients from one
+client: a key holder that loops requests gets 429 with Retry-After while everyone else is served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+MAX_TRACKED_CLIENTS = 100_000  # beyond it the longest-idle buckets are forgotten (they were full)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """`per_minute` requests a minute per client, in bursts of up to `burst`."""
+
+    def __init__(self, per_minute: int, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = burst
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def wait_needed(self, client: str, now: float | None = None) -> float:
+        """Take a request from `client`'s bucket: 0 if allowed, else seconds until it would be."""
+        now = time.monotonic() if now is None else now
+        bucket = self._buckets.pop(client, None) or _Bucket(float(self.burst), now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        self._buckets[client] = bucket  # most recently used last
+        if len(self._buckets) > MAX_TRACKED_CLIENTS:
+            self._buckets.popitem(last=False)
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
+
+def client_identity(authorization: str | None, address: str | None) -> str:
+    """Who a request counts against: its key (hashed, so no key sits in the table) or address."""
+    if authorization:
+        return "key:" + hashlib.sha256(authorization.encode()).hexdigest()[:32]
+    return f"addr:{address}"
+
+
+def retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
