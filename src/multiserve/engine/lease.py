@@ -3,17 +3,27 @@
 llama.cpp sizes its thread pool to the machine; two models decoding at once oversubscribe the
 cores and their spinning threads collapse each other's throughput. Each worker holds the lease
 for one batched decode step. Turns are FIFO tickets, so busy models alternate round-robin and an
-idle model costs nothing. A worker killed while holding or awaiting a turn is skipped: waiters
-check the pid of the ticket being served whenever a wait times out.
+idle model costs nothing.
+
+A worker can die anywhere (segfault, OOM kill, SIGKILL), so nothing here may wait on a dead
+process. The ticket counters are guarded by a POSIX record lock on a file, which the kernel
+drops when its holder dies (a multiprocessing lock would stay taken forever and wedge every
+other model). Waiters sleep on their own semaphore, which the releaser posts; a waiter whose
+sleep times out skips a turn held or awaited by a dead process.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import tempfile
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from multiprocessing.context import SpawnContext
 
-MAX_WAITERS = 256  # tickets outstanding at once (one per worker at most)
+MAX_WAITERS = 64  # tickets outstanding at once: one per worker at most
 STALL_CHECK_SECONDS = 0.5
 
 
@@ -33,27 +43,61 @@ class ComputeLease:
     """FIFO ticket lock across processes; pass it to workers at spawn."""
 
     def __init__(self, ctx: SpawnContext) -> None:
-        self._cond = ctx.Condition(ctx.Lock())
+        fd, self._guard_path = tempfile.mkstemp(prefix="multiserve-lease-")
+        os.close(fd)
+        weakref.finalize(self, _remove, self._guard_path)  # in the creating process only
         self._next = ctx.RawValue(ctypes.c_uint64, 0)
         self._serving = ctx.RawValue(ctypes.c_uint64, 0)
         self._owners = ctx.RawArray(ctypes.c_int32, MAX_WAITERS)
+        self._wake = [ctx.Semaphore(0) for _ in range(MAX_WAITERS)]
+        self._guard_fd: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_guard_fd": None}  # each process opens its own descriptor
+
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        if self._guard_fd is None:
+            self._guard_fd = os.open(self._guard_path, os.O_RDWR)
+        fcntl.lockf(self._guard_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._guard_fd, fcntl.LOCK_UN)
 
     def acquire(self) -> None:
-        with self._cond:
+        with self._guarded():
             ticket = self._next.value
             self._next.value = ticket + 1
             self._owners[ticket % MAX_WAITERS] = os.getpid()
-            while self._serving.value != ticket:
-                if not self._cond.wait(STALL_CHECK_SECONDS):
+            wake = self._wake[ticket % MAX_WAITERS]
+            while wake.acquire(False):  # posts left over from this slot's earlier tickets
+                pass
+        while True:
+            with self._guarded():
+                if self._serving.value == ticket:
+                    return
+            if not wake.acquire(timeout=STALL_CHECK_SECONDS):
+                with self._guarded():
                     self._skip_dead_holder()
 
     def release(self) -> None:
-        with self._cond:
-            self._serving.value += 1
-            self._cond.notify_all()
+        with self._guarded():
+            self._advance()
+
+    def _advance(self) -> None:
+        """Serve the next ticket and wake its owner (called with the guard held)."""
+        self._serving.value += 1
+        serving = self._serving.value
+        if serving < self._next.value:
+            self._wake[serving % MAX_WAITERS].release()
 
     def _skip_dead_holder(self) -> None:
         serving = self._serving.value
         if serving < self._next.value and not _alive(self._owners[serving % MAX_WAITERS]):
-            self._serving.value = serving + 1
-            self._cond.notify_all()
+            self._advance()
+
+
+def _remove(path: str) -> None:
+    with suppress(FileNotFoundError):
+        os.unlink(path)
