@@ -21,10 +21,9 @@ def test_idle_clients_refill_only_up_to_the_burst() -> None:
     assert limiter.wait_needed("a", now=3600.0) == 10.0
 
 
-def test_clients_are_keys_when_sent_else_addresses() -> None:
-    by_key = client_identity("Bearer secret", "10.0.0.1")
-    assert by_key == client_identity("Bearer secret", "10.0.0.2")
-    assert "secret" not in by_key
+def test_clients_are_their_keys_else_their_addresses() -> None:
+    assert client_identity(0, "10.0.0.1") == client_identity(0, "10.0.0.2")
+    assert client_identity(0, "10.0.0.1") != client_identity(1, "10.0.0.1")
     assert client_identity(None, "10.0.0.1") != client_identity(None, "10.0.0.2")
     assert retry_after_header(0.2) == "1"
     assert retry_after_header(2.5) == "3"

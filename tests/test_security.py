@@ -138,6 +138,7 @@ def edge_server(tiny_model: Path, model_dir: Path):
     config = model_dir / "edge.toml"
     config.write_text(
         "threads = 1\nheader_timeout = 1.0\nbody_timeout = 1.0\nmax_connections = 4\n"
+        "requests_per_minute = 6\nrate_limit_burst = 1\n"
         '[[models]]\nid = "tiny"\npath = "tiny.gguf"\nn_ctx = 256\n'
     )
     with run_server(["--config", str(config)], model_dir) as server:
@@ -171,6 +172,37 @@ def test_silent_or_trickling_client_is_cut_off_with_408(edge_server, sent: bytes
         assert 0.5 < time.monotonic() - started < 5
     with httpx.Client(base_url=edge_server.url) as http:
         assert http.get("/v1/models").status_code == 200
+
+
+def test_blank_line_after_a_response_then_silence_is_cut_off(edge_server) -> None:
+    # a blank line stops uvicorn's keep-alive timer without starting a request
+    with _connect(edge_server.url) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"\r\n")
+        assert _read_response(sock).startswith(b"HTTP/1.1 408")
+
+
+def test_a_body_left_unread_cannot_hold_the_connection(edge_server) -> None:
+    head = b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    with _connect(edge_server.url) as sock:
+        sock.sendall(head + b"x")
+        assert _read_response(sock).startswith(b"HTTP/1.1 404")  # answered, body never read
+        started = time.monotonic()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while time.monotonic() - started < 8:
+                sock.sendall(b"x")  # a trickle that would otherwise never end
+                time.sleep(0.1)
+        assert time.monotonic() - started < 5  # the server closed it
+
+
+def test_without_keys_the_rate_is_per_address_whatever_the_headers(edge_server) -> None:
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    with httpx.Client(base_url=edge_server.url) as http:
+        first = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer a"})
+        second = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer b"})
+    assert first.status_code == 200
+    assert second.status_code == 429  # an unchecked header buys no fresh bucket
 
 
 def test_trickled_body_is_cut_off_with_408(edge_server) -> None:

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from multiserve.engine.lease import MAX_WAITERS
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8082
 
@@ -143,6 +145,14 @@ class Settings(BaseModel):
         text = str(value).strip()
         parse_budget(text, available=1)  # raises ValueError with a clear message
         return text
+
+    @model_validator(mode="after")
+    def _lease_has_room(self) -> Settings:
+        if self.share_cores and len(self.models) >= MAX_WAITERS:  # every worker and the spare
+            raise ValueError(
+                f"at most {MAX_WAITERS - 1} models with share_cores = true (got {len(self.models)})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> Settings:

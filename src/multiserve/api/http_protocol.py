@@ -8,7 +8,8 @@ open forever by trickling a byte at a time (slowloris). This protocol caps:
   limit plus one socket read: the head as the parser hands it over (a head that arrives whole in
   one read), and the bytes read without the parser getting anywhere (one endless header or
   trailer line, which it buffers without a callback until the line ends);
-* the time from a connection's start, or a request's first byte, to its complete head: 408;
+* the time from a connection's start, a request's first byte or the previous response's end to
+  a complete head: 408 (and a connection whose request body the app left unread closes);
 * the number of open connections: 503 with Retry-After, at once.
 
 Every refusal is an OpenAI error body; the connection then closes.
@@ -71,8 +72,24 @@ def limited_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def _head_too_slow(self) -> None:
             self._head_timer = None
-            if not self._refused and not self.transport.is_closing():
-                self._refuse(408, f"Request head not received within {limits.head_timeout:g} s.")
+            if self._refused or self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._start_head_timer()  # reading is paused behind a response: not the client
+                return
+            self._refuse(408, f"Request head not received within {limits.head_timeout:g} s.")
+
+        def on_response_complete(self) -> None:
+            """Between requests uvicorn's keep-alive timer runs until the client's next byte;
+            ours covers what it does not: a blank line and silence, or a body the app answered
+            without reading (401, 413...), trickled on: those connections close."""
+            super().on_response_complete()
+            if self._refused or self.transport.is_closing():
+                return
+            if self.cycle is not None and self.cycle.more_body:
+                self._close_after_linger()
+            elif not self.pipeline:
+                self._start_head_timer()
 
         # -- parser callbacks: once over the limit, the rest of this read is parsed and dropped
 
@@ -130,9 +147,8 @@ def limited_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                 )
 
         def _refuse(self, status: int, message: str) -> None:
-            """Answer, then linger: closing with unread input would send a TCP reset, which
-            can destroy the answer before the client reads it. With an earlier pipelined
-            response still being written, there is no clean way to answer: just close."""
+            """Answer, then linger. With an earlier pipelined response still being written,
+            there is no clean way to answer: just close."""
             self._refused = True
             self._stop_head_timer()
             log.warning("refused a connection from %s: %s", self.client, message)
@@ -149,6 +165,13 @@ def limited_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                 "connection: close\r\n\r\n"
             )
             self.transport.write(head.encode() + body)
+            self._close_after_linger()
+
+        def _close_after_linger(self) -> None:
+            """Stop reading and writing, but keep the socket a moment: closing with unread
+            input would reset the connection and could destroy the last answer."""
+            self._refused = True
+            self._stop_head_timer()
             self.transport.write_eof()
             self.loop.call_later(LINGER_SECONDS, self.transport.close)
 

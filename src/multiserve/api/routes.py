@@ -18,6 +18,7 @@ from multiserve.api.metrics import Metrics
 from multiserve.api.openapi import EVENT_STREAM, error_responses
 from multiserve.api.rate_limit import RateLimiter, client_identity, retry_after_header
 from multiserve.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from multiserve.api.security import API_KEY_SCOPE
 from multiserve.config import Settings
 from multiserve.engine.client import EngineClient
 from multiserve.engine.protocol import Generate, SamplingParams
@@ -66,7 +67,7 @@ def _check_rate(state: ServerState, request: Request, model_id: str) -> None:
     if state.rate_limiter is None:
         return
     address = request.client.host if request.client else None
-    client = client_identity(request.headers.get("authorization"), address)
+    client = client_identity(request.scope.get(API_KEY_SCOPE), address)
     wait = state.rate_limiter.wait_needed(client)
     if wait > 0:
         state.metrics.refused(model_id, "rate_limited")

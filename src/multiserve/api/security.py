@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from multiserve.api.errors import error_body
 
+API_KEY_SCOPE = "multiserve.api_key"  # the index of the key a request was authorized with
 ASGIApp = Callable[
     [dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]
 ]
@@ -28,6 +29,7 @@ async def _send_error(send, status: int, message: str, headers: Iterable[tuple[b
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),  # the body, if any, is left unread
                 *headers,
             ],
         }
@@ -43,17 +45,23 @@ class ApiKeyAuth:
         self._keys = [key.encode() for key in keys]
         self._public = public_paths
 
-    def _authorized(self, scope: dict) -> bool:
+    def _matching_key(self, scope: dict) -> int | None:
+        """Index of the key the request carries, or None."""
         header = dict(scope.get("headers") or ()).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token:
-            return False
+            return None
         # compare against every key, so the time taken says nothing about which matched
         matches = [hmac.compare_digest(token.strip(), key) for key in self._keys]
-        return any(matches)
+        return matches.index(True) if any(matches) else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._public or self._authorized(scope):
+        if scope["type"] != "http" or scope["path"] in self._public:
+            await self.app(scope, receive, send)
+            return
+        key = self._matching_key(scope)
+        if key is not None:
+            scope[API_KEY_SCOPE] = key  # who the request counts against (rate limits)
             await self.app(scope, receive, send)
             return
         await _send_error(

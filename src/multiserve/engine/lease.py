@@ -8,8 +8,9 @@ idle model costs nothing.
 A worker can die anywhere (segfault, OOM kill, SIGKILL), so nothing here may wait on a dead
 process. The ticket counters are guarded by a POSIX record lock on a file, which the kernel
 drops when its holder dies (a multiprocessing lock would stay taken forever and wedge every
-other model). Waiters sleep on their own semaphore, which the releaser posts; a waiter whose
-sleep times out skips a turn held or awaited by a dead process.
+other model); the file has no name, workers inherit its descriptor at spawn. Waiters sleep on
+their own semaphore, which the releaser posts; a waiter whose sleep times out skips a turn held
+or awaited by a dead process.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import ctypes
 import fcntl
 import os
 import tempfile
-import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
+from multiprocessing import reduction
 from multiprocessing.context import SpawnContext
 
-MAX_WAITERS = 64  # tickets outstanding at once: one per worker at most
+MAX_WAITERS = 64  # tickets outstanding at once: one per worker at most (the config checks)
 STALL_CHECK_SECONDS = 0.5
 
 
@@ -43,22 +44,22 @@ class ComputeLease:
     """FIFO ticket lock across processes; pass it to workers at spawn."""
 
     def __init__(self, ctx: SpawnContext) -> None:
-        fd, self._guard_path = tempfile.mkstemp(prefix="multiserve-lease-")
-        os.close(fd)
-        weakref.finalize(self, _remove, self._guard_path)  # in the creating process only
+        self._guard_fd, path = tempfile.mkstemp(prefix="multiserve-lease-")
+        os.unlink(path)  # an open, nameless file: nothing to clean up, nothing a tmp cleaner eats
         self._next = ctx.RawValue(ctypes.c_uint64, 0)
         self._serving = ctx.RawValue(ctypes.c_uint64, 0)
         self._owners = ctx.RawArray(ctypes.c_int32, MAX_WAITERS)
         self._wake = [ctx.Semaphore(0) for _ in range(MAX_WAITERS)]
-        self._guard_fd: int | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_guard_fd": None}  # each process opens its own descriptor
+        # only while spawning a worker: the child gets its own copy of the descriptor
+        return {**self.__dict__, "_guard_fd": reduction.DupFd(self._guard_fd)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _guard_fd=state["_guard_fd"].detach())
 
     @contextmanager
     def _guarded(self) -> Iterator[None]:
-        if self._guard_fd is None:
-            self._guard_fd = os.open(self._guard_path, os.O_RDWR)
         fcntl.lockf(self._guard_fd, fcntl.LOCK_EX)
         try:
             yield
@@ -68,8 +69,8 @@ class ComputeLease:
     def acquire(self) -> None:
         with self._guarded():
             ticket = self._next.value
+            self._owners[ticket % MAX_WAITERS] = os.getpid()  # before the ticket counts
             self._next.value = ticket + 1
-            self._owners[ticket % MAX_WAITERS] = os.getpid()
             wake = self._wake[ticket % MAX_WAITERS]
             while wake.acquire(False):  # posts left over from this slot's earlier tickets
                 pass
@@ -96,8 +97,3 @@ class ComputeLease:
         serving = self._serving.value
         if serving < self._next.value and not _alive(self._owners[serving % MAX_WAITERS]):
             self._advance()
-
-
-def _remove(path: str) -> None:
-    with suppress(FileNotFoundError):
-        os.unlink(path)
