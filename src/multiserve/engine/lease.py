@@ -74,13 +74,15 @@ class ComputeLease:
             wake = self._wake[ticket % MAX_WAITERS]
             while wake.acquire(False):  # posts left over from this slot's earlier tickets
                 pass
+            if self._serving.value == ticket:
+                return  # uncontended: one trip through the guard
         while True:
+            woken = wake.acquire(timeout=STALL_CHECK_SECONDS)
             with self._guarded():
+                if not woken:
+                    self._skip_dead_holder()
                 if self._serving.value == ticket:
                     return
-            if not wake.acquire(timeout=STALL_CHECK_SECONDS):
-                with self._guarded():
-                    self._skip_dead_holder()
 
     def release(self) -> None:
         with self._guarded():
