@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing import reduction
 from multiprocessing.context import SpawnContext
+from multiprocessing.synchronize import Semaphore
 
 MAX_WAITERS = 64  # tickets outstanding at once: one per worker at most (the config checks)
 STALL_CHECK_SECONDS = 0.5
@@ -79,23 +80,27 @@ class ComputeLease:
         while True:
             woken = wake.acquire(timeout=STALL_CHECK_SECONDS)
             with self._guarded():
-                if not woken:
-                    self._skip_dead_holder()
-                if self._serving.value == ticket:
-                    return
+                skipped_to = None if woken else self._skip_dead_holder()
+                served = self._serving.value == ticket
+            if skipped_to is not None:
+                skipped_to.release()
+            if served:
+                return
 
     def release(self) -> None:
         with self._guarded():
-            self._advance()
+            next_owner = self._advance()
+        if next_owner is not None:
+            next_owner.release()  # after the guard: the woken waiter need not wait for it
 
-    def _advance(self) -> None:
-        """Serve the next ticket and wake its owner (called with the guard held)."""
+    def _advance(self) -> Semaphore | None:
+        """Serve the next ticket (guard held); the semaphore to post to wake its owner."""
         self._serving.value += 1
         serving = self._serving.value
-        if serving < self._next.value:
-            self._wake[serving % MAX_WAITERS].release()
+        return self._wake[serving % MAX_WAITERS] if serving < self._next.value else None
 
-    def _skip_dead_holder(self) -> None:
+    def _skip_dead_holder(self) -> Semaphore | None:
         serving = self._serving.value
         if serving < self._next.value and not _alive(self._owners[serving % MAX_WAITERS]):
-            self._advance()
+            return self._advance()
+        return None
