@@ -35,8 +35,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="multiserve", version=__version__, lifespan=lifespan)
     limiter = None
     if settings.requests_per_minute:
-        burst = settings.rate_limit_burst or max(1, settings.requests_per_minute // 6)
-        limiter = RateLimiter(settings.requests_per_minute, burst)
+        limiter = RateLimiter(settings.requests_per_minute, settings.rate_limit_burst)
     app.state.server = ServerState(settings, fleet, Metrics(fleet), time.time(), limiter)
     install_error_handlers(app)
     app.include_router(misdirected)

@@ -21,11 +21,12 @@ class _Bucket:
 
 
 class RateLimiter:
-    """`per_minute` requests a minute per client, in bursts of up to `burst`."""
+    """`per_minute` requests a minute per client, in bursts of up to `burst` (by default ten
+    seconds' worth)."""
 
-    def __init__(self, per_minute: int, burst: int) -> None:
+    def __init__(self, per_minute: int, burst: int | None = None) -> None:
         self.rate = per_minute / 60.0
-        self.burst = burst
+        self.burst = burst or max(1, per_minute // 6)
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
     def wait_needed(self, client: str, now: float | None = None) -> float:

@@ -278,8 +278,8 @@ async def get_model(model_id: str, request: Request) -> dict:
 
 
 # Model ids may contain '/', so `GET /v1/models/x/unload` would otherwise read as the card of a
-# model "x/unload". Registered ahead of `router`, without its query check: it answers 405, Allow:
-# POST, to every other method.
+# model "x/unload". Registered ahead of `router`: it answers 405, Allow: POST, to every method but
+# POST.
 misdirected = APIRouter()
 
 

@@ -56,14 +56,15 @@ Seed = Annotated[int, WHOLE]  # any integer: it is reduced modulo llama.cpp's se
 MAX_PROMPT_CHARS = 1 << 22
 MAX_PROMPT_TOKENS = 1 << 20
 TOKEN_KEY = r"^[0-9]{1,10}$"
-TokenIdValue = Annotated[int, Field(ge=0, lt=1 << 31), WHOLE]
+MAX_TOKEN_ID = (1 << 31) - 1  # llama_token is an int32
+TokenIdValue = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), WHOLE]
 # Published as JSON Schema, checked by validators below with messages that say what to do.
 PROMPT_SCHEMA = {
     "anyOf": [
         {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
         {
             "type": "array",
-            "items": {"type": "integer", "minimum": 0, "maximum": (1 << 31) - 1},
+            "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID},
             "minItems": 1,
             "maxItems": MAX_PROMPT_TOKENS,
         },
