@@ -77,7 +77,18 @@ class ModelSpec(BaseModel):
     )
     threads: int | None = Field(default=None, ge=1, le=1024)
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
-    flash_attn: bool = False
+    flash_attn: bool = Field(
+        default=True, description="llama.cpp's flash attention (skips other slots' cells)"
+    )
+    prefix_cache: bool = Field(default=True, description="reuse cached prompt prefixes")
+    host_cache: str = Field(
+        default="auto",
+        description="prompt cache in host memory: a size ('1GiB', '0' for none) or 'auto', a "
+        "quarter of the model's KV cache",
+    )
+    swa_full: bool = Field(
+        default=True, description="sliding-window models keep every cell (any prefix reusable)"
+    )
     chat_template: str | None = None
     preload: bool = Field(default=False, description="load at server start")
     pinned: bool = Field(default=False, description="never evicted or unloaded for idleness")
@@ -94,6 +105,20 @@ class ModelSpec(BaseModel):
                 f"({self.n_parallel}): every running sequence needs a token in each step"
             )
         return self
+
+    @field_validator("host_cache", mode="before")
+    @classmethod
+    def _host_cache_is_a_size(cls, value: object) -> str:
+        text = str(value).strip()
+        if text != "auto" and (text.endswith("%") or parse_size(text) < 0):
+            raise ValueError("host_cache must be 'auto' or a size such as '512MiB', or 0")
+        return text
+
+    def host_cache_bytes(self, kv_cache_bytes: int) -> int:
+        """The host prompt cache's bound for a KV cache of this size (0 with prefix reuse off)."""
+        if not self.prefix_cache:
+            return 0
+        return kv_cache_bytes // 4 if self.host_cache == "auto" else parse_size(self.host_cache)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -202,14 +227,23 @@ def parse_budget(text: str, available: int) -> int:
         if not 0 < share <= 100:
             raise ValueError("a memory budget share must be between 0% and 100%")
         return int(available * share / 100)
-    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(number) :]
-    if unit not in _UNITS or not number:
-        raise ValueError(f"cannot read memory budget {text!r}; use e.g. '12GiB' or '80%'")
-    size = int(float(number) * _UNITS[unit])
+    size = parse_size(text)
     if size <= 0:
         raise ValueError("a memory budget must be positive")
     return size
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes from '12GiB', '800MB', '1e9' or '0'."""
+    text = text.strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :]
+    try:
+        if unit not in _UNITS or not number:
+            raise ValueError
+        return int(float(number) * _UNITS[unit])
+    except (ValueError, OverflowError):
+        raise ValueError(f"cannot read size {text!r}; use e.g. '12GiB' or '800MB'") from None
 
 
 def _format_validation_error(source: str, error: ValidationError, raw: dict) -> str:

@@ -20,12 +20,20 @@ class ChoiceResult:
     finish_reason: str | None = None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # of the prompt, taken from the prefix cache
+
+    def as_dict(self) -> dict:
+        """OpenAI's usage object, with the cached share of the prompt as OpenAI reports it."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
 
 
 class ResponseFormat:
@@ -59,18 +67,18 @@ class ResponseFormat:
     ) -> dict:
         raise NotImplementedError
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, usage: Usage) -> dict:
         body = self._envelope(self.chunk_object_name, [])
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage.as_dict()
         return body
 
     def _choice(self, index: int, result: ChoiceResult) -> dict:
         raise NotImplementedError
 
-    def body(self, results: list[ChoiceResult], prompt_tokens: int, completion_tokens: int):
+    def body(self, results: list[ChoiceResult], usage: Usage) -> dict:
         """The whole (non-streamed) response."""
         body = self._envelope(self.object_name, [self._choice(i, r) for i, r in enumerate(results)])
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage.as_dict()
         return body
 
 

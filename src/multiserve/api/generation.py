@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from multiserve.api.errors import APIError, error_body
-from multiserve.api.formats import ChoiceResult, ResponseFormat
+from multiserve.api.formats import ChoiceResult, ResponseFormat, Usage
 from multiserve.api.metrics import RequestTracker
 from multiserve.engine.client import EngineClient, RequestStream, WorkerGone
 from multiserve.engine.protocol import Accepted, ChoiceDelta, Generate, Rejected
@@ -158,8 +158,9 @@ async def _collect(
                 tracker.delivered()
     except _DecodeFailed:
         raise APIError(500, DECODE_ERROR_MESSAGE, code="decode_failed") from None
-    tracker.finished(prompt_tokens, completion_tokens, [r.finish_reason or "" for r in results])
-    return fmt.body(results, prompt_tokens, completion_tokens)
+    usage = Usage(prompt_tokens, completion_tokens, events.cached_tokens)
+    tracker.finished(usage, [r.finish_reason or "" for r in results])
+    return fmt.body(results, usage)
 
 
 async def _stream(
@@ -183,9 +184,10 @@ async def _stream(
                 yield _sse(fmt.chunk(delta.index, delta.text, delta.logprobs, delta.finish_reason))
                 if delta.text:
                     tracker.delivered()
-        tracker.finished(prompt_tokens, completion_tokens, reasons)
+        usage = Usage(prompt_tokens, completion_tokens, events.cached_tokens)
+        tracker.finished(usage, reasons)
         if include_usage:
-            yield _sse(fmt.usage_chunk(prompt_tokens, completion_tokens))
+            yield _sse(fmt.usage_chunk(usage))
     except _DecodeFailed:
         yield _sse(error_body(500, DECODE_ERROR_MESSAGE, code="decode_failed"))
     except WorkerGone:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from multiserve.api.formats import Usage
 from multiserve.fleet.manager import Fleet
 
 WINDOW = 1024  # latest requests /stats summarises
@@ -27,6 +28,7 @@ class ModelStats:
     failed: int = 0
     refused: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     generation_tokens: int = 0
     ttft: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     itl: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW * 16))
@@ -84,6 +86,18 @@ class Metrics:
         )
         self.generation_tokens = Counter(
             "multiserve:generation_tokens", "Tokens generated.", label, registry=reg
+        )
+        self.cache_queries = Counter(
+            "multiserve:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (all of every finished request's).",
+            label,
+            registry=reg,
+        )
+        self.cache_hits = Counter(
+            "multiserve:prefix_cache_hits",
+            "Prompt tokens taken from the prefix cache instead of being computed.",
+            label,
+            registry=reg,
         )
         self.finished = Counter(
             "multiserve:request_success",
@@ -156,6 +170,16 @@ class Metrics:
                     "in_flight": client.in_flight if client else 0,
                 },
                 "tokens": {"prompt": stats.prompt_tokens, "generated": stats.generation_tokens},
+                "prefix_cache": {
+                    "queried_tokens": stats.prompt_tokens,
+                    "hit_tokens": stats.cached_tokens,
+                    "hit_rate": round(stats.cached_tokens / stats.prompt_tokens, 4)
+                    if stats.prompt_tokens
+                    else None,
+                    "host_bytes": client.host_cache.bytes if client else 0,
+                    "host_entries": client.host_cache.entries if client else 0,
+                    "host_limit_bytes": entry.estimate.host_cache if entry.estimate else None,
+                },
                 "latency_seconds": {
                     "time_to_first_token": _summary(stats.ttft),
                     "inter_token": _summary(stats.itl),
@@ -186,16 +210,19 @@ class RequestTracker:
             self._metrics.itl.labels(self._model).observe(now - self._last)
         self._last = now
 
-    def finished(self, prompt_tokens: int, completion_tokens: int, reasons: list[str]) -> None:
+    def finished(self, usage: Usage, reasons: list[str]) -> None:
         elapsed = time.perf_counter() - self.started
         metrics, stats = self._metrics, self._stats
         stats.succeeded += 1
-        stats.prompt_tokens += prompt_tokens
-        stats.generation_tokens += completion_tokens
+        stats.prompt_tokens += usage.prompt_tokens
+        stats.cached_tokens += usage.cached_tokens
+        stats.generation_tokens += usage.completion_tokens
         stats.e2e.append(elapsed)
         metrics.e2e.labels(self._model).observe(elapsed)
-        metrics.prompt_tokens.labels(self._model).inc(prompt_tokens)
-        metrics.generation_tokens.labels(self._model).inc(completion_tokens)
+        metrics.prompt_tokens.labels(self._model).inc(usage.prompt_tokens)
+        metrics.generation_tokens.labels(self._model).inc(usage.completion_tokens)
+        metrics.cache_queries.labels(self._model).inc(usage.prompt_tokens)
+        metrics.cache_hits.labels(self._model).inc(usage.cached_tokens)
         for reason in reasons:
             metrics.finished.labels(self._model, reason).inc()
 

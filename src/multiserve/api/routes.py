@@ -174,6 +174,7 @@ async def _complete(request: Request, body: SamplingRequest, build) -> Response:
             add_bos=add_bos,
             parse_special=True,
             queue_deadline=deadline,
+            cache_prompt=body.cache_prompt,
         )
     except APIError as exc:
         ticket.release()

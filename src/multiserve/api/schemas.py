@@ -189,6 +189,8 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     ignore_eos: bool = False  # extension used by benchmarks (vLLM and llama.cpp accept it too)
+    # llama-server's name: false neither reuses cached prompt cells nor leaves any behind
+    cache_prompt: bool = True
     # accepted so standard clients work; they change nothing for a local server
     user: str | None = Field(default=None, max_length=256)
     store: bool | None = None

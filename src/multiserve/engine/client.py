@@ -20,6 +20,7 @@ import psutil
 
 from multiserve.engine.lease import ComputeLease
 from multiserve.engine.protocol import (
+    CacheUsage,
     Cancel,
     ChoiceDelta,
     Event,
@@ -27,6 +28,7 @@ from multiserve.engine.protocol import (
     Load,
     LoadFailed,
     ModelInfo,
+    Prefilled,
     Rejected,
     Shutdown,
     StepOutput,
@@ -79,6 +81,7 @@ class RequestStream:
         self.queue: asyncio.Queue[Event | _Exited] = asyncio.Queue()
         self._open_choices = request.n
         self.done = False
+        self.cached_tokens = 0  # prompt tokens the worker took from its cache
 
     async def next(self) -> Event:
         """The next event; raises WorkerGone if the worker died first."""
@@ -88,6 +91,8 @@ class RequestStream:
             raise WorkerGone(f"model worker exited unexpectedly (exit code {event.exitcode})")
         if isinstance(event, Rejected):
             self.done = True
+        elif isinstance(event, Prefilled):
+            self.cached_tokens = event.cached_tokens
         elif isinstance(event, ChoiceDelta) and event.finish_reason is not None:
             self._open_choices -= 1
             self.done = self._open_choices == 0
@@ -115,6 +120,7 @@ class EngineClient:
         self.pid: int | None = None
         self.running = 0
         self.waiting = 0
+        self.host_cache = CacheUsage()
         self.alive = False
         self._on_exit = on_exit
         self._streams: dict[str, RequestStream] = {}
@@ -208,6 +214,7 @@ class EngineClient:
 
     def _dispatch(self, message: StepOutput) -> None:
         self.running, self.waiting = message.running, message.waiting
+        self.host_cache = message.host_cache
         for event in message.events:
             stream = self._streams.get(event.request_id)
             if stream is not None:

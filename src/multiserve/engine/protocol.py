@@ -25,7 +25,10 @@ class WorkerConfig:
     step_tokens: int
     threads: int
     kv_cache_type: str = "f16"
-    flash_attn: bool = False
+    flash_attn: bool = True
+    swa_full: bool = True  # sliding-window models keep every cell, so any prefix can be reused
+    prefix_cache: bool = True  # reuse cached prompt prefixes across requests
+    host_cache_bytes: int = 0  # bound of the prompt cache in host memory (0: none)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Generate:
     add_bos: bool = True  # False when a chat template already wrote the BOS token
     parse_special: bool = True  # for a str prompt: recognise control tokens spelled in it
     queue_deadline: float | None = None  # time.monotonic() after which it may not start
+    cache_prompt: bool = True  # False: neither reuse cached cells nor leave any behind
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,14 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class Prefilled:
+    """The prompt is read; `cached_tokens` of it came from a cache instead of being computed."""
+
+    request_id: str
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
 class Rejected:
     """The worker refused the request before running it: a client error unless `timed_out`."""
 
@@ -160,7 +172,15 @@ class ChoiceDelta:
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
-Event = Accepted | Rejected | ChoiceDelta
+Event = Accepted | Prefilled | Rejected | ChoiceDelta
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """The worker's host prompt cache, for /stats."""
+
+    bytes: int = 0
+    entries: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,3 +188,4 @@ class StepOutput:
     events: list[Event] = field(default_factory=list)
     running: int = 0
     waiting: int = 0
+    host_cache: CacheUsage = CacheUsage()

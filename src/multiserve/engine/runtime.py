@@ -98,6 +98,9 @@ class Runtime:
         ctx_params.no_perf = True
         ctx_params.type_k = _KV_TYPES[config.kv_cache_type]
         ctx_params.type_v = _KV_TYPES[config.kv_cache_type]
+        # A sliding-window model keeps only the window's cells unless the cache is full size; a
+        # cached prefix can then be reused only up to where its window is still intact.
+        ctx_params.swa_full = config.swa_full
         # llama.cpp stores a quantized V cache only with flash attention, so those imply it
         use_flash = config.flash_attn or config.kv_cache_type != "f16"
         ctx_params.flash_attn_type = (
@@ -109,6 +112,9 @@ class Runtime:
             raise LoadError("llama.cpp could not create a context (out of memory or bad shape)")
         self.ctx = ctx
         self.memory = ll.llama_get_memory(ctx)
+        n_swa = ll.llama_model_n_swa(model)
+        # window the cache keeps per sequence; 0 when every cell of a sequence stays
+        self.swa_window = 0 if config.swa_full else n_swa
         self._piece_buf = ctypes.create_string_buffer(256)
         self._piece_cache: dict[int, bytes] = {}
 
@@ -196,9 +202,40 @@ class Runtime:
         """Free a sequence's KV cells at once so the slot and its memory can be reused."""
         ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
-    def fork(self, src: int, dst: int) -> None:
-        """Share `src`'s cached prompt with `dst` (n > 1 choices prefill the prompt once)."""
-        ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+    def truncate(self, seq: int, length: int) -> None:
+        """Keep only the first `length` positions of a sequence."""
+        ll.llama_memory_seq_rm(self.memory, seq, length, -1)
+
+    def share(self, src: int, dst: int, length: int) -> None:
+        """Give `dst` the first `length` positions of `src`: the unified cache shares the cells,
+        so nothing is computed or copied."""
+        ll.llama_memory_seq_cp(self.memory, src, dst, 0, length)
+
+    def can_continue(self, seq: int, length: int) -> bool:
+        """Whether a sequence truncated to `length` still holds every cell the next position
+        attends to. Always true without a sliding window; with one, the window's oldest cells
+        may already have been given to other sequences."""
+        if self.swa_window == 0 or length == 0:
+            return True
+        pos_min = ll.llama_memory_seq_pos_min(self.memory, seq)
+        return 0 <= pos_min <= max(0, length - self.swa_window - 1)
+
+    def save_state(self, seq: int) -> bytearray:
+        """The sequence's KV cells as bytes (for the host prompt cache)."""
+        size = ll.llama_state_seq_get_size(self.ctx, seq)
+        state = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(state)
+        written = ll.llama_state_seq_get_data(self.ctx, view, size, seq)
+        del view  # release the export so the bytearray may be resized or freed
+        return state[:written] if written != size else state
+
+    def load_state(self, seq: int, state: bytearray) -> bool:
+        """Put saved cells back into `seq` (replacing what it held); False if llama.cpp refused."""
+        ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        view = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        loaded = ll.llama_state_seq_set_data(self.ctx, view, len(state), seq)
+        del view
+        return loaded > 0
 
     def close(self) -> None:
         ll.llama_free(self.ctx)

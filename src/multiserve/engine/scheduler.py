@@ -2,7 +2,14 @@
 
 A step holds the next token of every running choice and, under the step's token budget, chunks of
 prompts still being read, so a long new prompt never freezes the streams already running. Requests
-join between steps, and a finished or cancelled choice frees its KV cells and slot at once.
+join between steps, and a finished or cancelled choice frees its slot at once.
+
+Prompts are read as little as possible. A slot keeps its cells after its request ends, and a new
+request starts from the longest prefix it shares with what is cached: in an idle slot (the slot
+is taken over and truncated), in a busy one (the unified KV cache shares the cells with a
+sequence copy), in a prompt another request is still reading (the request waits for that reading
+and then shares it, so one system prompt sent by eight users at once is read once), or in the host
+prompt cache (the saved cells are loaded). Only the rest of the prompt is computed.
 """
 
 from __future__ import annotations
@@ -11,25 +18,37 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from multiserve.engine.detokenizer import IncrementalDetokenizer
+from multiserve.engine.prefix_cache import HostCache, HostEntry, Slot, SlotTable, common_prefix
 from multiserve.engine.protocol import (
     Accepted,
+    CacheUsage,
     ChoiceDelta,
     Event,
     FinishReason,
     Generate,
+    Prefilled,
     PromptSegment,
     Rejected,
     TokenLogprob,
 )
 from multiserve.engine.runtime import Batch, Runtime
 from multiserve.engine.sampling import (
-    Sampler,
+    ChoiceSampler,
     SamplingError,
-    choice_seed,
     grammar_for,
+    make_sampler,
+    sample_step,
     token_logprob,
 )
+
+# A copy, a load from host memory or a wait for another request's reading is taken only when it
+# saves at least this many prompt tokens over the best idle slot.
+MIN_REUSE_GAIN = 16
+# Prompts shorter than this are cheaper to read again than to save in host memory.
+HOST_MIN_TOKENS = 256
 
 
 @dataclass
@@ -38,11 +57,12 @@ class Choice:
 
     request_id: str
     index: int
-    sampler: Sampler
+    sampler: ChoiceSampler
     detokenizer: IncrementalDetokenizer
     max_tokens: int
     logprobs: int | None
     ignore_eos: bool
+    keep_cache: bool = True
     slot: int = -1
     n_past: int = 0
     next_token: int = -1
@@ -54,14 +74,27 @@ class Job:
     """A request: one prompt, read once into the first choice's slot, then shared with the rest."""
 
     request_id: str
-    prompt: list[int]
+    prompt: np.ndarray
     choices: list[Choice]
     deadline: float | None = None
+    cache_prompt: bool = True
     prefilled: int = 0
+    cached: int = 0  # prompt tokens taken from a cache instead of computed
+    source: Job | None = None  # a job still reading the prompt prefix this one will share
+    shared: int = 0  # how much of `source`'s prompt this one waits for
 
     @property
     def leader(self) -> Choice:
         return self.choices[0]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Cells of a prompt prefix outside the idle slots: in a busy slot (shared at once), in a
+    prompt another job is still reading (shared once read), or saved in the host cache."""
+
+    origin: Slot | Job | HostEntry
+    length: int
 
 
 class Scheduler:
@@ -72,7 +105,13 @@ class Scheduler:
         config = runtime.config
         self.n_ctx = config.n_ctx_per_seq
         self.batch = Batch(config.step_tokens)
-        self.free_slots: deque[int] = deque(range(config.n_seq_max))
+        self.slots = SlotTable(config.n_seq_max, config.n_ctx_per_seq)
+        self.reuse = config.prefix_cache
+        self.host_cache = (
+            HostCache(config.host_cache_bytes)
+            if config.prefix_cache and config.host_cache_bytes > 0
+            else None
+        )
         self.waiting: deque[Job] = deque()
         self.prefilling: list[Job] = []
         self.running: list[Choice] = []
@@ -113,13 +152,18 @@ class Scheduler:
         active = {c.request_id for c in self.running} | {j.request_id for j in self.prefilling}
         return len(active), len(self.waiting)
 
+    def idle_slots(self) -> int:
+        return len(self.slots.idle())
+
+    def host_cache_usage(self) -> CacheUsage:
+        host = self.host_cache
+        return CacheUsage(host.bytes, len(host)) if host is not None else CacheUsage()
+
     # -- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[Event]:
         """Admit, build one batch, decode it, sample every choice that got logits."""
         events = self._admit()
-        if not self.running and not self.prefilling:
-            return events
         batch = self.batch
         batch.clear()
         decoding = [
@@ -127,41 +171,61 @@ class Scheduler:
             for choice in self.running
         ]
         budget = batch.capacity - batch.n_tokens
+        chunks: list[tuple[Job, int, int]] = []
         prompts_done: list[tuple[Job, int]] = []
         for job in self.prefilling:
             if budget <= 0:
                 break
-            take = min(budget, len(job.prompt) - job.prefilled)
-            end = job.prefilled + take
+            if job.source is not None:
+                continue  # waits to share a prompt another job is reading
+            start = job.prefilled
+            end = min(len(job.prompt), start + budget)
             slot = job.leader.slot
-            for pos in range(job.prefilled, end):
-                index = batch.add(job.prompt[pos], pos, slot, pos == len(job.prompt) - 1)
-            job.prefilled, budget = end, budget - take
+            for pos in range(start, end):
+                index = batch.add(int(job.prompt[pos]), pos, slot, pos == len(job.prompt) - 1)
+            chunks.append((job, start, end))
+            job.prefilled, budget = end, budget - (end - start)
             if end == len(job.prompt):
                 prompts_done.append((job, index))
+        if batch.n_tokens == 0:
+            return events
 
         if self.runtime.decode(batch) != 0:
             return events + self._fail_batch(decoding)
 
+        slots = self.slots.slots
+        for job, start, end in chunks:
+            slots[job.leader.slot].append(job.prompt[start:end])
+        for choice, _ in decoding:
+            choice.n_past += 1
+            slots[choice.slot].append([choice.next_token])
+        self._share_with_followers()  # before a finished source frees the cells
+
+        sampled: list[tuple[Choice, int]] = []
         for job, index in prompts_done:
             self.prefilling.remove(job)
+            leader = slots[job.leader.slot]
             for choice in job.choices[1:]:  # fork all before sampling: the leader may finish
-                self.runtime.fork(job.leader.slot, choice.slot)
+                self.runtime.forget(choice.slot)
+                self.runtime.share(job.leader.slot, choice.slot, len(job.prompt))
+                slots[choice.slot].set(leader.held)
+            events.append(Prefilled(job.request_id, job.cached))
             for choice in job.choices:
                 choice.n_past = len(job.prompt)
                 self.running.append(choice)
-                events.append(self._sample(choice, index))
-        for choice, index in decoding:
-            choice.n_past += 1
-            events.append(self._sample(choice, index))
+                sampled.append((choice, index))
+        sampled += decoding
+        tokens = sample_step(self.runtime, [(c.sampler, index) for c, index in sampled])
+        for (choice, index), token in zip(sampled, tokens, strict=True):
+            events.append(self._advance(choice, index, token))
         return events
 
-    def _sample(self, choice: Choice, index: int) -> ChoiceDelta:
+    def _advance(self, choice: Choice, index: int, token: int) -> ChoiceDelta:
+        """Take a sampled token: its text, log-probabilities and whether the choice is done."""
         logprobs: tuple[TokenLogprob, ...] = ()
-        logits = self.runtime.logits(index) if choice.logprobs is not None else None
-        token = choice.sampler.sample(self.runtime, index)
-        if logits is not None:
-            logprobs = (token_logprob(self.runtime, logits, token, choice.logprobs or 0),)
+        if choice.logprobs is not None:
+            logits = self.runtime.logits_view(index)
+            logprobs = (token_logprob(self.runtime, logits, token, choice.logprobs),)
         choice.generated += 1
         choice.next_token = token
         finish: FinishReason | None = None
@@ -192,35 +256,157 @@ class Scheduler:
             events.append(
                 Rejected(job.request_id, "timed out waiting in the queue", timed_out=True)
             )
-        while self.waiting and len(self.free_slots) >= len(self.waiting[0].choices):
+        while self.waiting and self.idle_slots() >= len(self.waiting[0].choices):
             job = self.waiting.popleft()
-            for choice in job.choices:
-                choice.slot = self.free_slots.popleft()
+            self._place(job)
             self.prefilling.append(job)
             events.append(Accepted(job.request_id, len(job.prompt)))
         return events
+
+    def _place(self, job: Job) -> None:
+        """Give the job its slots, starting its leader from the best cached prefix there is."""
+        prompt = job.prompt
+        usable = len(prompt) - 1  # the last prompt token is always computed: its logits answer
+        reuse = self.reuse and job.cache_prompt
+        slot, cached = self.slots.best_idle(prompt) if reuse else (None, 0)
+        cached = min(cached, usable)
+        if cached < MIN_REUSE_GAIN:  # too little to reuse: spare the slots holding caches
+            slot, cached = self.slots.cheapest_idle(set()), 0
+        best, source = cached, None
+        if reuse:
+            for candidate in self._better_sources(job, usable):
+                if candidate.length >= best + MIN_REUSE_GAIN:
+                    best, source = candidate.length, candidate
+        if source is None:
+            self._evict(slot, keep=cached)
+            cached = self._truncate(slot, cached)
+        else:  # the cells come from elsewhere: take the idle slot worth least
+            slot = self.slots.cheapest_idle(set())
+            self._evict(slot, keep=0)
+            cached = self._take(job, slot, source)
+        job.prefilled = job.cached = cached
+        slot.busy = True
+        job.leader.slot = slot.seq
+        taken = {slot.seq}
+        for choice in job.choices[1:]:
+            other = self.slots.cheapest_idle(taken)
+            self._evict(other, keep=0)
+            other.busy = True
+            choice.slot = other.seq
+            taken.add(other.seq)
+
+    def _better_sources(self, job: Job, usable: int) -> list[_Source]:
+        """Cached prefixes of the job's prompt outside the idle slots."""
+        prompt = job.prompt
+        found: list[_Source] = []
+        owners = {c.slot: c.keep_cache for c in self.running}
+        owners |= {j.leader.slot: j.cache_prompt for j in self.prefilling}
+        for slot in self.slots.slots:
+            if slot.busy and owners.get(slot.seq, False):
+                found.append(_Source(slot, min(common_prefix(slot.held, prompt), usable)))
+        for other in self.prefilling:
+            if other.cache_prompt and other.source is None:
+                length = min(common_prefix(other.prompt, prompt), usable)
+                if length > other.prefilled:
+                    found.append(_Source(other, length))
+        if self.host_cache is not None:
+            entry, length = self.host_cache.best(prompt)
+            if entry is not None:
+                found.append(_Source(entry, min(length, usable)))
+        return found
+
+    def _take(self, job: Job, slot: Slot, source: _Source) -> int:
+        """Fill an emptied slot from a source; returns how many prompt tokens it now holds."""
+        runtime, origin, length = self.runtime, source.origin, source.length
+        if isinstance(origin, Slot):
+            runtime.share(origin.seq, slot.seq, length)
+        elif isinstance(origin, HostEntry):
+            assert self.host_cache is not None
+            if not runtime.load_state(slot.seq, origin.state):
+                runtime.forget(slot.seq)
+                return 0
+            self.host_cache.touch(origin)
+            runtime.truncate(slot.seq, length)
+        else:  # a job still reading: the cells are shared once it has read them
+            job.source, job.shared = origin, length
+            return 0
+        slot.set(job.prompt[:length])
+        return self._checked(slot, length)
+
+    def _truncate(self, slot: Slot, length: int) -> int:
+        if length < slot.length:
+            self.runtime.truncate(slot.seq, length)
+            slot.length = length
+        return self._checked(slot, length)
+
+    def _checked(self, slot: Slot, length: int) -> int:
+        """A sliding-window cache may no longer hold the window before `length`: start over."""
+        if self.runtime.can_continue(slot.seq, length):
+            return length
+        self.runtime.forget(slot.seq)
+        slot.length = 0
+        return 0
+
+    def _evict(self, slot: Slot, keep: int) -> None:
+        """About to keep only `keep` of an idle slot's tokens: save a long prompt to host memory
+        first if most of it would be lost, then empty the slot if nothing is kept."""
+        host = self.host_cache
+        if (
+            host is not None
+            and slot.length >= HOST_MIN_TOKENS
+            and keep < slot.length // 2
+            and not host.covers(slot.held)
+        ):
+            host.put(slot.held, self.runtime.save_state(slot.seq))
+        if keep == 0 and slot.length:
+            self.runtime.forget(slot.seq)
+            slot.length = 0
+
+    def _share_with_followers(self) -> None:
+        """Jobs waiting on a prompt another job reads take its cells once it has read far enough
+        (right after that step, while a sliding window still holds them)."""
+        for job in self.prefilling:
+            source = job.source
+            if source is None:
+                continue
+            if source.leader.slot < 0:  # the source was cancelled or failed: read it all here
+                job.source = None
+            elif source.prefilled >= job.shared:
+                slot = self.slots.slots[job.leader.slot]
+                self.runtime.share(source.leader.slot, slot.seq, job.shared)
+                slot.set(job.prompt[: job.shared])
+                job.prefilled = job.cached = self._checked(slot, job.shared)
+                job.source = None
 
     def _release(self, choice: Choice) -> None:
         if choice in self.running:
             self.running.remove(choice)
         self._drop([choice])
 
-    def _drop(self, choices: list[Choice]) -> None:
+    def _drop(self, choices: list[Choice], keep: bool = True) -> None:
+        """Free the choices' slots; their cells stay cached unless `keep` is false or the
+        request opted out of caching."""
+        now = time.monotonic()
         for choice in choices:
             choice.sampler.free()
             if choice.slot >= 0:
-                self.runtime.forget(choice.slot)
-                self.free_slots.append(choice.slot)
+                slot = self.slots.slots[choice.slot]
+                if not (keep and choice.keep_cache):
+                    self.runtime.forget(slot.seq)
+                    slot.length = 0
+                slot.busy, slot.last_used = False, now
                 choice.slot = -1
 
     def _fail_batch(self, decoding: list[tuple[Choice, int]]) -> list[Event]:
-        """llama_decode failed: end every choice that was in the batch with an error."""
+        """llama_decode failed: end every choice that was in the batch with an error, and forget
+        what their slots held (the decode may have half-written them)."""
         events: list[Event] = []
         for choice, _ in decoding:
-            self._release(choice)
+            self.running.remove(choice)
+            self._drop([choice], keep=False)
             events.append(ChoiceDelta(choice.request_id, choice.index, "", 0, "error"))
         for job in self.prefilling:
-            self._drop(job.choices)
+            self._drop(job.choices, keep=False)
             events += [ChoiceDelta(job.request_id, c.index, "", 0, "error") for c in job.choices]
         self.prefilling.clear()
         return events
@@ -275,22 +461,25 @@ class Scheduler:
         choices: list[Choice] = []
         try:
             for index in range(request.n):
-                sampler = Sampler(runtime, params, grammar, choice_seed(params, index))
                 choices.append(
                     Choice(
                         request.request_id,
                         index,
-                        sampler,
+                        make_sampler(runtime, params, grammar, index),
                         IncrementalDetokenizer(params.stop),
                         wanted,
                         params.logprobs,
                         params.ignore_eos,
+                        request.cache_prompt,
                     )
                 )
         except SamplingError:
             self._drop(choices)
             raise
-        return Job(request.request_id, prompt, choices, request.queue_deadline)
+        tokens = np.asarray(prompt, np.int32)
+        return Job(
+            request.request_id, tokens, choices, request.queue_deadline, request.cache_prompt
+        )
 
 
 class _Refusal(Exception):

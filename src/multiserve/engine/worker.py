@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from multiserve.engine.protocol import (
+    CacheUsage,
     Cancel,
     Event,
     Generate,
@@ -83,7 +84,7 @@ def run_worker(conn: Connection, lease: ComputeLease | None) -> None:
 
 
 def _serve(conn: Connection, scheduler: Scheduler, lease: ComputeLease | None, parent: int):
-    reported = (0, 0)
+    reported: tuple[tuple[int, int], CacheUsage] = ((0, 0), CacheUsage())
     while True:
         if not scheduler.has_work() and not conn.poll(IDLE_POLL_SECONDS):
             if os.getppid() != parent:
@@ -107,7 +108,7 @@ def _serve(conn: Connection, scheduler: Scheduler, lease: ComputeLease | None, p
             finally:
                 if lease is not None:
                     lease.release()
-        counts = scheduler.counts()
-        if events or counts != reported:  # a cancel changes the counts without any event
-            conn.send(StepOutput(events, *counts))
-            reported = counts
+        state = (scheduler.counts(), scheduler.host_cache_usage())
+        if events or state != reported:  # a cancel changes the counts without any event
+            conn.send(StepOutput(events, *state[0], state[1]))
+            reported = state

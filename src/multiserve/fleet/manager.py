@@ -175,7 +175,8 @@ class Fleet:
                 estimate = await self._estimate(entry)
                 await self._make_room(entry, estimate.total)
                 entry.estimate, entry.state, entry.error = estimate, ModelState.LOADING, None
-            client = EngineClient(self._worker_config(spec), self._on_worker_exit, self._lease)
+            config = self._worker_config(spec, estimate.host_cache)
+            client = EngineClient(config, self._on_worker_exit, self._lease)
             started = time.perf_counter()
             spare, self._spare = self._spare, None
             if spare is not None and not spare.process.is_alive():
@@ -303,7 +304,7 @@ class Fleet:
                     log.info("unloading %s after %.0fs idle", entry.spec.id, ttl)
                     await self._stop_worker(entry)
 
-    def _worker_config(self, spec: ModelSpec) -> WorkerConfig:
+    def _worker_config(self, spec: ModelSpec, host_cache_bytes: int) -> WorkerConfig:
         return WorkerConfig(
             model_id=spec.id,
             path=spec.path,
@@ -313,6 +314,9 @@ class Fleet:
             threads=self.settings.threads_for(spec),
             kv_cache_type=spec.kv_cache_type,
             flash_attn=spec.flash_attn,
+            swa_full=spec.swa_full,
+            prefix_cache=spec.prefix_cache,
+            host_cache_bytes=host_cache_bytes,
         )
 
     def _on_worker_exit(self, client: EngineClient) -> None:

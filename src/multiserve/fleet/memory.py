@@ -1,7 +1,9 @@
 """Memory a model will take once loaded, estimated from its GGUF header before loading it.
 
 weights (tensor sizes) + KV cache (layers x cells x KV heads x head dims x cache type) + compute
-buffers (attention scores, mask and logits of one step) + the worker process itself. These are
+buffers (attention scores, mask and logits of one step) + the host prompt cache's bound + the
+worker process itself. Sliding-window layers count at full size, which is what they take with
+`swa_full` (the default); with it off the estimate is high by their share. These are
 the sizes llama.cpp allocates (checked against its own buffer-size log lines: KV exact, compute
 within 15% above); RSS grows toward them as contexts fill, and /stats shows it beside them.
 """
@@ -31,17 +33,19 @@ class MemoryEstimate:
     weights: int
     kv_cache: int
     compute: int
+    host_cache: int = 0
     overhead: int = WORKER_OVERHEAD
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.overhead
+        return self.weights + self.kv_cache + self.compute + self.host_cache + self.overhead
 
     def as_dict(self) -> dict[str, int]:
         return {
             "weights": self.weights,
             "kv_cache": self.kv_cache,
             "compute": self.compute,
+            "host_cache": self.host_cache,
             "overhead": self.overhead,
             "total": self.total,
         }
@@ -70,4 +74,6 @@ def estimate_memory(header: GGUFHeader, spec: ModelSpec) -> MemoryEstimate:
     step = spec.step_tokens
     attention = 4 * (n_head + 1) * step * cells  # f32 scores per head plus the mask
     logits = 4 * n_vocab * step // 2
-    return MemoryEstimate(header.weights_bytes, kv_cache, attention + logits)
+    return MemoryEstimate(
+        header.weights_bytes, kv_cache, attention + logits, spec.host_cache_bytes(kv_cache)
+    )
