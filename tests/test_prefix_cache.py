@@ -225,6 +225,22 @@ def test_cancel_mid_prompt_leaves_what_was_read_reusable(tiny: Scheduler) -> Non
     assert result.cached == 2 * 128
 
 
+def test_a_request_waiting_to_share_a_cancelled_prompt_reads_it_itself(tiny: Scheduler) -> None:
+    prompt = _tiny_prompt(5)
+    expected = _reference(tiny, prompt, 16)
+    _forget_everything(tiny)
+    results: dict[str, Result] = {}
+    tiny.submit(_request("source", prompt, 16))
+    tiny.submit(_request("follower", prompt, 16))
+    _step(tiny, results)  # both admitted; the follower waits for the source's reading
+    assert [j.request_id for j in tiny.prefilling if j.source is not None] == ["follower"]
+    tiny.cancel("source")
+    while tiny.has_work():
+        _step(tiny, results)
+    assert "".join(results["follower"].text) == expected
+    assert results["follower"].cached == 0
+
+
 def test_n_choices_after_a_cached_prefix_all_match(tiny: Scheduler) -> None:
     prompt = _tiny_prompt(3)
     expected = _reference(tiny, prompt, 16)

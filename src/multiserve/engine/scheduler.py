@@ -141,6 +141,9 @@ class Scheduler:
             if job.request_id == request_id:
                 self.prefilling.remove(job)
                 self._drop(job.choices)
+                for follower in self.prefilling:  # they read the prompt themselves after all
+                    if follower.source is job:
+                        follower.source = None
         for choice in [c for c in self.running if c.request_id == request_id]:
             self._release(choice)
 
@@ -367,11 +370,7 @@ class Scheduler:
         (right after that step, while a sliding window still holds them)."""
         for job in self.prefilling:
             source = job.source
-            if source is None:
-                continue
-            if source.leader.slot < 0:  # the source was cancelled or failed: read it all here
-                job.source = None
-            elif source.prefilled >= job.shared:
+            if source is not None and source.prefilled >= job.shared:
                 slot = self.slots.slots[job.leader.slot]
                 self.runtime.share(source.leader.slot, slot.seq, job.shared)
                 slot.set(job.prompt[: job.shared])
