@@ -140,6 +140,12 @@ class Settings(BaseModel):
     max_loaded_models: int | None = Field(default=None, ge=1)
     load_timeout: float = Field(default=120.0, gt=0, description="seconds a model load may take")
     share_cores: bool = Field(default=True, description="busy models take turns on the cores")
+    worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="scheduling niceness of model workers, so the API process answers at once",
+    )
     api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys")
     api_keys_file: Path | None = Field(default=None, description="file with one key per line")
     metrics_public: bool = Field(default=False, description="serve /metrics without a key")

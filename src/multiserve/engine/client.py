@@ -54,13 +54,14 @@ class _Exited:
 
 
 class WorkerProcess:
-    """A spawned, still blank worker process and our end of its pipe."""
+    """A spawned, still blank worker process and our end of its pipe; `nice` is its scheduling
+    niceness (higher is lower priority)."""
 
-    def __init__(self, lease: ComputeLease | None) -> None:
+    def __init__(self, lease: ComputeLease | None, nice: int = 0) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(
-            target=run_worker, args=(child, lease), name="multiserve-worker", daemon=True
+            target=run_worker, args=(child, lease, nice), name="multiserve-worker", daemon=True
         )
         self.process.start()
         child.close()
@@ -129,10 +130,9 @@ class EngineClient:
         self._process: mp.process.BaseProcess | None = None
         self._conn = None
 
-    async def start(self, worker: WorkerProcess | None = None) -> ModelInfo:
-        """Load the model in `worker` (a pre-started spare) or a new worker; wait until ready."""
+    async def start(self, worker: WorkerProcess) -> ModelInfo:
+        """Load the model in `worker` (a pre-started spare or a new one); wait until ready."""
         self._loop = asyncio.get_running_loop()
-        worker = worker or WorkerProcess(self._lease)
         self._process, self._conn = worker.process, worker.conn
         try:
             self._conn.send(Load(self.config))

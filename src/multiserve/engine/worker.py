@@ -59,10 +59,13 @@ def _wait_for_load(conn: Connection, parent: int) -> Load | None:
     return message if isinstance(message, Load) else None
 
 
-def run_worker(conn: Connection, lease: ComputeLease | None) -> None:
+def run_worker(conn: Connection, lease: ComputeLease | None, nice: int) -> None:
     """Entry point of the worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which stops us
     _die_with_parent()
+    # Decoding may take every core; a lower priority than the API process's keeps /health, refusals
+    # and streamed tokens prompt. Set before llama.cpp starts its threads, which inherit it.
+    os.nice(nice)
     parent = os.getppid()
 
     from multiserve.engine.runtime import LoadError, Runtime

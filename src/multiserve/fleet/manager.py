@@ -124,7 +124,7 @@ class Fleet:
             if not entry.spec.path.is_file():
                 entry.state, entry.error = ModelState.FAILED, "model file not found"
                 log.error("model %s: file not found: %s", entry.spec.id, entry.spec.path)
-        self._spare = WorkerProcess(self._lease)
+        self._spare = self._new_worker()
         self._reaper = asyncio.create_task(self._reap_idle())
         for entry in self.entries.values():
             if entry.spec.preload and entry.state is not ModelState.FAILED:
@@ -179,8 +179,8 @@ class Fleet:
             client = EngineClient(config, self._on_worker_exit, self._lease)
             started = time.perf_counter()
             spare, self._spare = self._spare, None
-            if spare is not None and not spare.process.is_alive():
-                spare = None
+            if spare is None or not spare.process.is_alive():
+                spare = self._new_worker()
             try:
                 await asyncio.wait_for(client.start(spare), self.settings.load_timeout)
             except TimeoutError:
@@ -211,7 +211,10 @@ class Fleet:
     def _start_spare(self) -> None:
         self._spare_timer = None
         if self._spare is None:
-            self._spare = WorkerProcess(self._lease)
+            self._spare = self._new_worker()
+
+    def _new_worker(self) -> WorkerProcess:
+        return WorkerProcess(self._lease, self.settings.worker_nice)
 
     async def _estimate(self, entry: ModelEntry) -> MemoryEstimate:
         stat_key = _file_key(entry.spec.path)
