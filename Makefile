@@ -17,3 +17,4 @@ bench:
 	.venv/bin/python benchmarks/fleet.py
 	.venv/bin/python benchmarks/peers.py
 	.venv/bin/python benchmarks/soak.py
+	.venv/bin/python benchmarks/real_traffic.py

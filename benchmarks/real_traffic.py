@@ -1,0 +1,520 @@
+"""Speed on real traffic: multi-turn chats, a shared system prompt, sampled decoding, saturation.
+
+    .venv/bin/python benchmarks/real_traffic.py [--threads 2] [--only multi_turn,shared,...]
+                                                [--servers multiserve,llama-server]
+                                                [--out-dir benchmarks/results]
+
+Runs multiserve and llama.cpp's own `llama-server` one after the other (never both at once) on the
+default model with the same threads, slots (`-np 8`, llama-server's default prompt reuse on) and
+requests, and prints every figure beside the anchor with their ratio. llama-server is built from
+the llama.cpp sources llama-cpp-python vendors, with our CMake flags (scripts/build-llama-server.sh;
+several minutes once, cached). Targets, all within one invocation (timings here drift by tens of
+percent between minutes, so only ratios mean anything):
+
+* multi-turn chat, 6 turns under a ~1,500-token system prompt: 6th-turn TTFT <= 0.05x the 1st with
+  one chat, <= 0.15x with four chats side by side;
+* eight users sending one system prompt at once, first turn: mean TTFT <= 0.35x the same run with
+  `cache_prompt: false`;
+* sampled decoding (temperature 1, the full distribution) >= 0.95x greedy tokens/s, at 8 streams
+  and at 1;
+* 200 streams at once against 8 slots and a queue of 32 (three bursts after a warm-up one): every
+  refusal within 250 ms, /health within 100 ms while they run, every admitted stream complete
+  (multiserve only: llama-server queues without bound). The burst comes from raw sockets, so the
+  load generator costs far less per request than the server;
+* every row at least llama-server's speed ("vs llama-server" >= 1: its time over ours, or our
+  tokens/s over its).
+
+The process exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
+from serving_core import log_tail, port_in_use, running_server
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+SLOTS = 8
+CTX_PER_SLOT = 4096
+TURNS = 6
+ANSWER_TOKENS = 48
+SYSTEM_SENTENCES = 52  # about 1,500 tokens on Gemma 3's tokenizer
+READY_TIMEOUT_S = 300.0
+REQUEST_TIMEOUT_S = 900.0
+SCENARIOS = ("multi_turn", "shared", "sampled", "saturation")
+
+TARGET_ONE_CHAT = 0.05
+TARGET_FOUR_CHATS = 0.15
+TARGET_SHARED = 0.35
+TARGET_SAMPLED = 0.95
+TARGET_REFUSAL_S = 0.25
+TARGET_HEALTH_S = 0.10
+TARGET_VS_PEER = 1.0
+
+WIDTH = None if sys.stdout.isatty() else 120
+console = Console(width=WIDTH)
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    command: list[str]
+    ready_path: str
+
+
+def multiserve_server(port: int, threads: int) -> Server:
+    serve = ["serve", "--host", HOST, "--port", str(port), "--threads", str(threads)]
+    return Server("multiserve", [sys.executable, "-m", "multiserve", *serve], "/health")
+
+
+def llama_server(binary: Path, port: int, threads: int) -> Server:
+    command = [str(binary), "-m", str(default_model_path()), "--host", HOST, "--port", str(port)]
+    command += ["-t", str(threads), "-tb", str(threads), "-c", str(CTX_PER_SLOT * SLOTS)]
+    command += ["-np", str(SLOTS), "--no-warmup"]
+    return Server("llama-server", command, "/health")
+
+
+def build_llama_server() -> Path:
+    script = REPO / "scripts" / "build-llama-server.sh"
+    done = subprocess.run(["bash", str(script)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.asynccontextmanager
+async def serving(server: Server, port: int, log: Path) -> AsyncIterator[httpx.AsyncClient]:
+    # no keep-alive: llama-server's HTTP library closes idle connections after a few seconds, and
+    # a request sent on one it is closing fails for nothing; a new loopback connection costs ~0.1 ms
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=0)
+    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
+    with running_server(server.command, log) as proc:
+        async with httpx.AsyncClient(
+            base_url=f"http://{HOST}:{port}", timeout=timeout, limits=limits, trust_env=False
+        ) as client:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{server.name} exited:\n{log_tail(log)}")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get(server.ready_path)).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{server.name} not ready:\n{log_tail(log)}")
+                await asyncio.sleep(0.5)
+            await complete(client, "Warm-up: one, two,", 8, temperature=0)  # loads the model
+            yield client
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    ttft: float
+    text: str = ""
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+    first: float = 0.0
+    last: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.completion_tokens - 1) / max(self.last - self.first, 1e-9)
+
+
+async def _stream(client: httpx.AsyncClient, path: str, body: dict) -> Reply:
+    """One streamed request; TTFT is the arrival of the first text."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    reply = Reply(ttft=0.0)
+    async with client.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+                reply.completion_tokens = usage["completion_tokens"]
+                details = usage.get("prompt_tokens_details") or {}
+                reply.cached_tokens = details.get("cached_tokens")
+            for choice in chunk.get("choices") or ():
+                text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                if text:
+                    now = time.perf_counter()
+                    if not reply.text:
+                        reply.first, reply.ttft = now, now - start
+                    reply.text += text
+                    reply.last = now
+    if not reply.text:
+        raise RuntimeError("the stream carried no text")
+    return reply
+
+
+async def chat(
+    client: httpx.AsyncClient, messages: list[dict], tokens: int, **extra: object
+) -> Reply:
+    body = {"model": DEFAULT_MODEL_ID, "messages": messages, "max_tokens": tokens}
+    return await _stream(client, "/v1/chat/completions", {"temperature": 0, **body, **extra})
+
+
+async def complete(client: httpx.AsyncClient, prompt: str, tokens: int, **extra: object) -> Reply:
+    body = {"model": DEFAULT_MODEL_ID, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True}
+    return await _stream(client, "/v1/completions", {**body, **extra})
+
+
+def system_prompt(seed: int) -> str:
+    """A ~1,500-token operating manual, different for every seed (so no run finds it cached)."""
+    rng = random.Random(seed)
+    topics = ["refunds", "shipping", "warranty", "privacy", "returns", "billing", "security"]
+    rules = [
+        f"Rule {i}: when a customer asks about {rng.choice(topics)}, check section "
+        f"{rng.randrange(1, 99)}.{rng.randrange(1, 20)} of the handbook and answer in two lines."
+        for i in range(SYSTEM_SENTENCES)
+    ]
+    return f"You are support assistant #{uuid.uuid4().hex[:8]}. " + " ".join(rules)
+
+
+def question(chat_id: int, turn: int) -> str:
+    return f"Customer {chat_id}, question {turn}: what does rule {7 * turn + chat_id} say?"
+
+
+async def conversation(client: httpx.AsyncClient, system: str, chat_id: int) -> list[Reply]:
+    """TURNS turns of one chat: every turn sends the whole history, as chat clients do."""
+    messages = [{"role": "system", "content": system}]
+    replies = []
+    for turn in range(TURNS):
+        messages.append({"role": "user", "content": question(chat_id, turn)})
+        reply = await chat(client, messages, ANSWER_TOKENS)
+        messages.append({"role": "assistant", "content": reply.text})
+        replies.append(reply)
+    return replies
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    figures: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+async def multi_turn(client: httpx.AsyncClient, results: Results) -> None:
+    one = await conversation(client, system_prompt(1), chat_id=0)
+    results.figures["1 chat: turn 1 TTFT s"] = one[0].ttft
+    results.figures[f"1 chat: turn {TURNS} TTFT s"] = one[-1].ttft
+    system = system_prompt(2)
+    four = await asyncio.gather(*(conversation(client, system, chat_id=i) for i in range(4)))
+    results.figures["4 chats: turn 1 mean TTFT s"] = statistics.fmean(c[0].ttft for c in four)
+    results.figures[f"4 chats: turn {TURNS} mean TTFT s"] = statistics.fmean(
+        c[-1].ttft for c in four
+    )
+
+
+async def shared(client: httpx.AsyncClient, results: Results) -> None:
+    async def eight(system: str, **extra: object) -> float:
+        replies = await asyncio.gather(
+            *(
+                chat(
+                    client,
+                    [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": question(i, 0)},
+                    ],
+                    16,
+                    **extra,
+                )
+                for i in range(8)
+            )
+        )
+        return statistics.fmean(r.ttft for r in replies)
+
+    results.figures["8 users, one system prompt: mean TTFT s"] = await eight(system_prompt(3))
+    results.figures["same, cache_prompt false: mean TTFT s"] = await eight(
+        system_prompt(4), cache_prompt=False
+    )
+
+
+SAMPLED = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+GREEDY = {"temperature": 0.0}
+
+
+async def sampled(client: httpx.AsyncClient, results: Results, repeats: int = 5) -> None:
+    """Greedy and sampled rounds interleaved, so drift hits both alike; medians reported. One
+    stream's rate swings by 10% from request to request here, hence five rounds of 256 tokens."""
+    rates: dict[str, list[float]] = {}
+    topics = ["a harbour town", "a clock tower", "a mountain pass", "a winter market"]
+    for round_ in range(repeats):
+        for name, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
+            prompt = f"Chapter {round_}: a long story about {topics[round_ % 4]}."
+            one = await complete(client, prompt, 256, seed=round_, **params)
+            rates.setdefault(f"{name} 1 stream", []).append(one.decode_tok_s)
+            start = time.perf_counter()
+            replies = await asyncio.gather(
+                *(
+                    complete(client, f"{prompt} Part {i}.", 128, seed=i, **params)
+                    for i in range(SLOTS)
+                )
+            )
+            wall = time.perf_counter() - start
+            rates.setdefault(f"{name} 8 streams", []).append(
+                sum(r.completion_tokens for r in replies) / wall
+            )
+    for name, values in rates.items():
+        results.figures[f"{name}: tok/s"] = statistics.median(values)
+
+
+async def _raw_request(port: int, method: str, path: str, body: bytes = b"") -> bytes:
+    """One HTTP/1.1 request over a fresh socket, the whole response returned. Raw sockets keep
+    the load generator's own cost per request far below the server's, so a burst measures the
+    server and not the client's HTTP library."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"\r\n" + body)
+    try:
+        return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+async def saturation(client: httpx.AsyncClient, results: Results, bursts: int = 3) -> None:
+    """200 streams at once against 8 slots and a queue of 32: one burst to warm the refusal
+    path up, then `bursts` measured ones; the worst of them is reported."""
+    port = client.base_url.port
+    refusals: list[float] = []
+    health: list[float] = []
+    completed = failed = 0
+    running = True
+
+    async def one(i: int) -> None:
+        nonlocal completed, failed
+        body = {
+            "model": DEFAULT_MODEL_ID,
+            "prompt": f"Item {i}: once upon a time",
+            "max_tokens": 32,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        start = time.perf_counter()
+        response = await _raw_request(port, "POST", "/v1/completions", json.dumps(body).encode())
+        if response.startswith(b"HTTP/1.1 503"):
+            refusals.append(time.perf_counter() - start)
+        elif response.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in response:
+            completed += 1
+        else:
+            failed += 1
+
+    async def probe() -> None:
+        while running:
+            start = time.perf_counter()
+            await _raw_request(port, "GET", "/health")
+            health.append(time.perf_counter() - start)
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(one(i) for i in range(200)))  # warm-up
+    refusals.clear()
+    completed = failed = 0
+    prober = asyncio.create_task(probe())
+    for _ in range(bursts):
+        await asyncio.gather(*(one(i) for i in range(200)))
+    running = False
+    await prober
+    results.figures["saturation: refusals, 3 bursts"] = len(refusals)
+    results.figures["saturation: slowest refusal s"] = max(refusals, default=0.0)
+    results.figures["saturation: median refusal s"] = statistics.median(refusals or [0.0])
+    results.figures["saturation: slowest /health s"] = max(health, default=0.0)
+    results.figures["saturation: admitted and completed, 3 bursts"] = completed
+    results.figures["saturation: admitted and failed"] = failed
+
+
+RUNNERS: dict[str, Callable[[httpx.AsyncClient, Results], object]] = {
+    "multi_turn": multi_turn,
+    "shared": shared,
+    "sampled": sampled,
+    "saturation": saturation,
+}
+
+
+async def measure(server: Server, port: int, log: Path, only: list[str]) -> Results:
+    results = Results()
+    async with serving(server, port, log) as client:
+        for name in only:
+            if name == "saturation" and server.name != "multiserve":
+                continue
+            console.print(f"[bold]{server.name}[/]: {name}")
+            await RUNNERS[name](client, results)
+    return results
+
+
+# -- verdicts -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    label: str
+    value: float
+    target: float
+    higher_is_better: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+
+def checks(ours: dict[str, float], peer: dict[str, float] | None) -> list[Check]:
+    found: list[Check] = []
+
+    def ratio(label: str, top: str, bottom: str, target: float, higher: bool) -> None:
+        if top in ours and bottom in ours:
+            found.append(Check(label, ours[top] / ours[bottom], target, higher))
+
+    turn = f"turn {TURNS}"
+    ratio(
+        f"1 chat: {turn} / turn 1 TTFT",
+        f"1 chat: {turn} TTFT s",
+        "1 chat: turn 1 TTFT s",
+        TARGET_ONE_CHAT,
+        False,
+    )
+    ratio(
+        f"4 chats: {turn} / turn 1 TTFT",
+        f"4 chats: {turn} mean TTFT s",
+        "4 chats: turn 1 mean TTFT s",
+        TARGET_FOUR_CHATS,
+        False,
+    )
+    ratio(
+        "shared prompt: reuse / no reuse TTFT",
+        "8 users, one system prompt: mean TTFT s",
+        "same, cache_prompt false: mean TTFT s",
+        TARGET_SHARED,
+        False,
+    )
+    for streams in ("1 stream", "8 streams"):
+        ratio(
+            f"sampled / greedy tok/s, {streams}",
+            f"sampled {streams}: tok/s",
+            f"greedy {streams}: tok/s",
+            TARGET_SAMPLED,
+            True,
+        )
+    if "saturation: slowest refusal s" in ours:
+        refusal = ours["saturation: slowest refusal s"]
+        health = ours["saturation: slowest /health s"]
+        failed = ours["saturation: admitted and failed"]
+        found.append(Check("slowest refusal s", refusal, TARGET_REFUSAL_S, False))
+        found.append(Check("slowest /health s", health, TARGET_HEALTH_S, False))
+        found.append(Check("admitted streams failed", failed, 0, False))
+    for name, value in ours.items():
+        if peer is None or name not in peer or name.startswith(("saturation", "same,")):
+            continue
+        faster = peer[name] / value if name.endswith(" s") else value / peer[name]
+        found.append(Check(f"vs llama-server: {name}", faster, TARGET_VS_PEER, True))
+    return found
+
+
+def report(ours: Results, peer: Results | None) -> list[Check]:
+    table = Table(title="real traffic: multiserve and llama-server, default model")
+    for column in ("figure", "multiserve", "llama-server", "vs llama-server"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    names = list(dict.fromkeys([*ours.figures, *(peer.figures if peer else {})]))
+    for name in names:
+        value = ours.figures.get(name)
+        theirs = peer.figures.get(name) if peer else None
+        vs = ""
+        if theirs and value and not name.startswith("saturation"):
+            vs = f"{(theirs / value if name.endswith(' s') else value / theirs):.2f}x"
+        shown = ["" if v is None else f"{v:.3f}" for v in (value, theirs)]
+        table.add_row(name, *shown, vs)
+    console.print(table)
+    verdicts = checks(ours.figures, peer.figures if peer else None)
+    summary = Table(title="targets")
+    for column in ("check", "value", "target", "verdict"):
+        summary.add_column(column, justify="left" if column == "check" else "right")
+    for check in verdicts:
+        sign = ">=" if check.higher_is_better else "<="
+        verdict = "[green]PASS" if check.ok else "[red]MISS"
+        summary.add_row(check.label, f"{check.value:.3f}", f"{sign} {check.target}", verdict)
+    console.print(summary)
+    return verdicts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8097)
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
+    parser.add_argument(
+        "--servers", default="multiserve,llama-server", help="multiserve and/or llama-server"
+    )
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    args.only = [s for s in args.only.split(",") if s]
+    args.servers = [s for s in args.servers.split(",") if s]
+    unknown = set(args.only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if port_in_use(args.port):
+        print(f"port {args.port} is in use; pick another --port", file=sys.stderr)
+        return 2
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    servers: list[Server] = []
+    if "multiserve" in args.servers:
+        servers.append(multiserve_server(args.port, args.threads))
+    if "llama-server" in args.servers:
+        servers.append(llama_server(build_llama_server(), args.port, args.threads))
+    measured: dict[str, Results] = {}
+    for server in servers:
+        log = args.out_dir / f"real-traffic-{server.name}.log"
+        measured[server.name] = asyncio.run(measure(server, args.port, log, args.only))
+    ours, peer = measured.get("multiserve", Results()), measured.get("llama-server")
+    verdicts = report(ours, peer)
+    out = args.out_dir / "real-traffic.json"
+    out.write_text(
+        json.dumps(
+            {
+                "threads": args.threads,
+                "figures": {name: r.figures for name, r in measured.items()},
+                "checks": [vars(c) | {"ok": c.ok} for c in verdicts],
+            },
+            indent=2,
+        )
+    )
+    console.print(f"results: {out}")
+    return 0 if all(c.ok for c in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
