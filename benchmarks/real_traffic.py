@@ -224,10 +224,12 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
 
-async def multi_turn(client: httpx.AsyncClient, results: Results) -> None:
-    one = await conversation(client, system_prompt(1), chat_id=0)
-    results.figures["1 chat: turn 1 TTFT s"] = one[0].ttft
-    results.figures[f"1 chat: turn {TURNS} TTFT s"] = one[-1].ttft
+async def multi_turn(client: httpx.AsyncClient, results: Results, repeats: int = 3) -> None:
+    """One chat (three times, each under its own system prompt; medians), then four side by side
+    under one shared system prompt."""
+    ones = [await conversation(client, system_prompt(10 + i), chat_id=0) for i in range(repeats)]
+    results.figures["1 chat: turn 1 TTFT s"] = statistics.median(c[0].ttft for c in ones)
+    results.figures[f"1 chat: turn {TURNS} TTFT s"] = statistics.median(c[-1].ttft for c in ones)
     system = system_prompt(2)
     four = await asyncio.gather(*(conversation(client, system, chat_id=i) for i in range(4)))
     results.figures["4 chats: turn 1 mean TTFT s"] = statistics.fmean(c[0].ttft for c in four)
