@@ -390,50 +390,36 @@ class Check:
         return self.value >= self.target if self.higher_is_better else self.value <= self.target
 
 
+# (label, numerator figure, denominator figure, target, higher is better)
+RATIOS = (
+    (f"1 chat: turn {TURNS} / turn 1 TTFT", f"1 chat: turn {TURNS} TTFT s",
+     "1 chat: turn 1 TTFT s", TARGET_ONE_CHAT, False),
+    (f"4 chats: turn {TURNS} / turn 1 TTFT", f"4 chats: turn {TURNS} mean TTFT s",
+     "4 chats: turn 1 mean TTFT s", TARGET_FOUR_CHATS, False),
+    ("shared prompt: reuse / no reuse TTFT", "8 users, one system prompt: mean TTFT s",
+     "same, cache_prompt false: mean TTFT s", TARGET_SHARED, False),
+    ("sampled / greedy tok/s, 1 stream", "sampled 1 stream: tok/s", "greedy 1 stream: tok/s",
+     TARGET_SAMPLED, True),
+    ("sampled / greedy tok/s, 8 streams", "sampled 8 streams: tok/s", "greedy 8 streams: tok/s",
+     TARGET_SAMPLED, True),
+)  # fmt: skip
+# (label, figure, target): lower is better
+LIMITS = (
+    ("slowest refusal s", "saturation: slowest refusal s", TARGET_REFUSAL_S),
+    ("slowest /health s", "saturation: slowest /health s", TARGET_HEALTH_S),
+    ("admitted streams failed", "saturation: admitted and failed", 0),
+)
+
+
 def checks(ours: dict[str, float], peer: dict[str, float] | None) -> list[Check]:
-    found: list[Check] = []
-
-    def ratio(label: str, top: str, bottom: str, target: float, higher: bool) -> None:
-        if top in ours and bottom in ours:
-            found.append(Check(label, ours[top] / ours[bottom], target, higher))
-
-    turn = f"turn {TURNS}"
-    ratio(
-        f"1 chat: {turn} / turn 1 TTFT",
-        f"1 chat: {turn} TTFT s",
-        "1 chat: turn 1 TTFT s",
-        TARGET_ONE_CHAT,
-        False,
-    )
-    ratio(
-        f"4 chats: {turn} / turn 1 TTFT",
-        f"4 chats: {turn} mean TTFT s",
-        "4 chats: turn 1 mean TTFT s",
-        TARGET_FOUR_CHATS,
-        False,
-    )
-    ratio(
-        "shared prompt: reuse / no reuse TTFT",
-        "8 users, one system prompt: mean TTFT s",
-        "same, cache_prompt false: mean TTFT s",
-        TARGET_SHARED,
-        False,
-    )
-    for streams in ("1 stream", "8 streams"):
-        ratio(
-            f"sampled / greedy tok/s, {streams}",
-            f"sampled {streams}: tok/s",
-            f"greedy {streams}: tok/s",
-            TARGET_SAMPLED,
-            True,
-        )
-    if "saturation: slowest refusal s" in ours:
-        refusal = ours["saturation: slowest refusal s"]
-        health = ours["saturation: slowest /health s"]
-        failed = ours["saturation: admitted and failed"]
-        found.append(Check("slowest refusal s", refusal, TARGET_REFUSAL_S, False))
-        found.append(Check("slowest /health s", health, TARGET_HEALTH_S, False))
-        found.append(Check("admitted streams failed", failed, 0, False))
+    found = [
+        Check(label, ours[top] / ours[bottom], target, higher)
+        for label, top, bottom, target, higher in RATIOS
+        if top in ours and bottom in ours
+    ]
+    found += [
+        Check(label, ours[name], target, False) for label, name, target in LIMITS if name in ours
+    ]
     for name, value in ours.items():
         if peer is None or name not in peer or name.startswith(("saturation", "same,")):
             continue

@@ -57,7 +57,7 @@ class WorkerProcess:
     """A spawned, still blank worker process and our end of its pipe; `nice` is its scheduling
     niceness (higher is lower priority)."""
 
-    def __init__(self, lease: ComputeLease | None, nice: int = 0) -> None:
+    def __init__(self, lease: ComputeLease | None, nice: int) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(
@@ -113,10 +113,8 @@ class EngineClient:
         self,
         config: WorkerConfig,
         on_exit: Callable[[EngineClient], None],
-        lease: ComputeLease | None = None,
     ) -> None:
         self.config = config
-        self._lease = lease
         self.info: ModelInfo | None = None
         self.pid: int | None = None
         self.running = 0

@@ -50,6 +50,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: sampled token plus k alternatives
 
+    @property
+    def penalised(self) -> bool:
+        """Whether the repeat, frequency or presence penalty changes anything."""
+        return (self.repeat_penalty, self.frequency_penalty, self.presence_penalty) != (1, 0, 0)
+
 
 @dataclass(frozen=True)
 class PromptSegment:

@@ -70,17 +70,12 @@ class ChoiceSampler:
         self.rng = np.random.default_rng(seed)
         self.history: deque[int] = deque(maxlen=PENALTY_WINDOW)
         self.greedy = params.temperature < GREEDY_BELOW
-        self.penalised = (
-            params.repeat_penalty,
-            params.frequency_penalty,
-            params.presence_penalty,
-        ) != (1, 0, 0)
         self.bias = dict(params.logit_bias)
 
     def overrides(self, logits: np.ndarray) -> dict[int, float]:
         """The logits this choice's bias and penalties change, with their new values."""
         values = {token: float(logits[token]) + bias for token, bias in self.bias.items()}
-        if self.penalised and self.history:
+        if self.params.penalised and self.history:
             params = self.params
             for token, count in Counter(self.history).items():
                 value = values.get(token, float(logits[token]))
@@ -116,7 +111,7 @@ class GrammarChain:
                 "response_format schema gives an invalid grammar", "response_format"
             )
         self._add(sampler)
-        if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
+        if params.penalised:
             self._add(
                 ll.llama_sampler_init_penalties(
                     runtime.n_vocab,
@@ -197,7 +192,7 @@ def _sample_native(runtime: Runtime, items: list[tuple[ChoiceSampler, int]]) -> 
         temperature[i] = 0.0 if sampler.greedy else params.temperature
         top_k[i], top_p[i], min_p[i] = params.top_k, params.top_p, params.min_p
         uniform[i] = 0.0 if sampler.greedy else sampler.rng.random()
-        if sampler.bias or (sampler.penalised and sampler.history):
+        if sampler.bias or (params.penalised and sampler.history):
             changed = sampler.overrides(runtime.logits_view(index))
             ids += changed.keys()
             values += changed.values()

@@ -176,7 +176,7 @@ class Fleet:
                 await self._make_room(entry, estimate.total)
                 entry.estimate, entry.state, entry.error = estimate, ModelState.LOADING, None
             config = self._worker_config(spec, estimate.host_cache)
-            client = EngineClient(config, self._on_worker_exit, self._lease)
+            client = EngineClient(config, self._on_worker_exit)
             started = time.perf_counter()
             spare, self._spare = self._spare, None
             if spare is None or not spare.process.is_alive():
