@@ -111,10 +111,56 @@ def test_missing_model_names_it(http) -> None:
     assert error["param"] == "model"
 
 
-@pytest.mark.parametrize("field", ["tools", "tool_choice", "functions", "audio"])
-def test_unsupported_openai_field_is_refused_by_name(http, field: str) -> None:
-    error = _error(http.post("/v1/chat/completions", json={**GOOD_CHAT, field: []}), 400)
-    assert field in error["message"]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [TOOL]),
+        ("tool_choice", "required"),
+        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+        ("functions", [TOOL["function"]]),
+        ("function_call", {"name": "f"}),
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("reasoning_effort", "low"),
+    ],
+)
+def test_openai_field_that_would_change_the_answer_is_refused_by_name(
+    http, field: str, value: object
+) -> None:
+    error = _error(http.post("/v1/chat/completions", json={**GOOD_CHAT, field: value}), 400)
+    assert error["param"] == field or field in error["message"]
+    assert "not supported" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("echo", True), ("best_of", 2), ("suffix", " and so on")]
+)
+def test_completion_field_that_would_change_the_answer_is_refused(
+    http, field: str, value: object
+) -> None:
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, field: value}
+    error = _error(http.post("/v1/completions", json=body), 400)
+    assert error["param"] == field
+    assert "not supported" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code"),
+    [
+        ("POST", "/v1/embeddings", "unsupported_route"),
+        ("POST", "/v1/responses", "unsupported_route"),
+        ("POST", "/v1/audio/transcriptions", "unsupported_route"),
+        ("GET", "/v1/files", "unsupported_route"),
+        ("GET", "/v2/whatever", "unknown_route"),
+    ],
+)
+def test_missing_route_is_an_openai_404_naming_it(http, method: str, path: str, code: str) -> None:
+    error = _error(http.request(method, path, json={}), 404)
+    assert error["code"] == code
+    assert f"{method} {path}" in error["message"]
 
 
 def test_unknown_field_is_refused(http) -> None:

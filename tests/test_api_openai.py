@@ -277,3 +277,62 @@ def test_control_tokens_typed_in_messages_stay_plain_text(server) -> None:
     # the completions endpoint takes raw prompts, where spelled control tokens are honoured
     raw = server.openai.completions.create(model="tiny", prompt="<start_of_turn>", max_tokens=1)
     assert raw.usage.prompt_tokens == 2  # BOS + the control token
+
+
+def test_no_op_values_of_unimplemented_fields_are_accepted(server) -> None:
+    # clients that send every field at its default must work, and get the same answer
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, seed=3)
+    plain = server.openai.chat.completions.create(**chat)
+    with_defaults = server.openai.chat.completions.create(
+        **chat,
+        tools=[],
+        tool_choice="none",
+        parallel_tool_calls=True,
+        logprobs=None,
+        modalities=["text"],
+        prediction={"type": "content", "content": "Hello"},
+        stream_options=None,
+        extra_body={"functions": [], "function_call": "auto", "prompt_cache_key": "k"},
+    )
+    assert with_defaults.choices[0].message.content == plain.choices[0].message.content
+    text = dict(model="tiny", prompt="the cat", max_tokens=6, temperature=0)
+    plain_text = server.openai.completions.create(**text)
+    defaults = server.openai.completions.create(
+        **text, echo=False, best_of=1, suffix="", logprobs=None, stream=False, user="u"
+    )
+    assert defaults.choices[0].text == plain_text.choices[0].text
+
+
+def test_list_prompt_gives_n_choices_per_prompt_in_order(server) -> None:
+    prompts = ["the cat", "a dog", "the"]
+    args = dict(model="tiny", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    alone = [server.openai.completions.create(prompt=p, **args) for p in prompts]
+    together = server.openai.completions.create(prompt=prompts, n=2, **args)
+    assert [c.index for c in together.choices] == list(range(6))
+    for i, reply in enumerate(alone):  # greedy: both choices of prompt i are its lone answer
+        assert [c.text for c in together.choices[2 * i : 2 * i + 2]] == [reply.choices[0].text] * 2
+    assert together.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in alone)
+    assert together.usage.completion_tokens == 30
+
+
+def test_list_prompt_streams_every_choice_and_token_lists_work(server) -> None:
+    args = dict(model="tiny", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    whole = server.openai.completions.create(prompt=[[1, HELLO], [1, HELLO, HELLO]], **args)
+    stream = server.openai.completions.create(
+        prompt=[[1, HELLO], [1, HELLO, HELLO]], stream=True, **args
+    )
+    texts = ["", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in whole.choices]
+    assert len(whole.choices) == 2
+
+
+def test_too_many_prompts_for_the_queue_is_refused_whole(server) -> None:
+    with server.http() as http:
+        reply = http.post(
+            "/v1/completions", json={"model": "tiny", "prompt": ["x"] * 200, "max_tokens": 1}
+        )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "too_many_prompts"

@@ -6,10 +6,21 @@ well-known sequences catch both.
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from conftest import run_server
+from multiserve.cli import build_parser
+from multiserve.config import EMBEDDED_MAX_TOKENS, load_settings
 from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +76,44 @@ def test_default_model_batches_concurrent_streams(default_server) -> None:
     )
     assert len(reply.choices) == 4
     assert reply.usage.completion_tokens == 32
+
+
+def _readme_commands() -> list[str]:
+    """Every command of the README's `sh` blocks, continuation lines joined."""
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    joined = "\n".join(blocks).replace("\\\n", " ")
+    return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip()]
+
+
+def test_readme_curl_examples_answer(default_server) -> None:
+    curls = [c for c in _readme_commands() if c.startswith("curl ")]
+    assert curls
+    address = default_server.url.removeprefix("http://")
+    for command in curls:
+        argv = [a.replace("127.0.0.1:8082", address) for a in shlex.split(command)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
+        reply = json.loads(out)
+        assert reply["choices"][0]["finish_reason"] in ("stop", "length"), out
+        assert reply["usage"]["completion_tokens"] <= 64
+
+
+def test_readme_multiserve_commands_parse() -> None:
+    commands = [c for c in _readme_commands() if c.startswith(".venv/bin/multiserve ")]
+    assert len(commands) >= 5
+    for command in commands:
+        argv = [a for a in shlex.split(command)[1:] if a != "..."]
+        if "..." in command:  # "the same as above, plus": the flags must parse on their own
+            argv = [*argv, "--url", "http://x", "--model", "m"]
+        build_parser().parse_args(argv)  # exits (SystemExit) on any flag the CLI does not know
+        for config in [Path(a) for a in argv if a.endswith(".toml")]:
+            load_settings(ROOT / config)
+
+
+def test_request_without_max_tokens_gets_the_embedded_models_ceiling(default_server) -> None:
+    reply = default_server.openai.chat.completions.create(
+        model=DEFAULT_MODEL_ID,
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        extra_body={"ignore_eos": True},
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == EMBEDDED_MAX_TOKENS

@@ -139,22 +139,86 @@ def test_lru_eviction_under_a_small_budget(models: Path) -> None:
         assert reserved["reserved"] <= reserved["budget"]
 
 
-def test_busy_model_is_never_evicted(models: Path) -> None:
-    config = _config(models, _model("a") + _model("b"), 'threads = 1\nmemory_budget = "300MiB"\n')
+def test_busy_model_keeps_its_turn_and_a_cold_request_waits_then_times_out(
+    models: Path,
+) -> None:
+    settings = 'threads = 1\nmemory_budget = "300MiB"\nmodel_turn = 60\n'
+    config = _config(models, _model("a") + _model("b", queue_timeout=3), settings)
     with run_server(["--config", str(config)], models) as server, server.http() as http:
         stream = Stream(server.url, {"model": "a", **LONG})
         try:
-            refused = _complete(http, "b")
-            assert refused.status_code == 503
-            error = refused.json()["error"]
-            assert "needs" in error["message"] and "available" in error["message"]
-            assert int(refused.headers["Retry-After"]) >= 1
+            replies: dict[str, httpx.Response] = {}
+            started = time.monotonic()
+            cold = threading.Thread(target=lambda: replies.update(b=_complete(http, "b")))
+            cold.start()
+            _wait_for(lambda: _stats(http, "b")["requests"]["in_system"] == 1)
+            with server.http() as other:  # within its turn, a still takes new requests
+                assert _complete(other, "a").status_code == 200
+            assert time.monotonic() - started < 2.5 and cold.is_alive()
+            cold.join(10)
+            assert time.monotonic() - started >= 2.9  # it waited for room, not refused at once
+            assert replies["b"].status_code == 503, replies["b"].text
+            assert replies["b"].json()["error"]["code"] == "queue_timeout"
             assert _states(http) == {"a": "loaded", "b": "unloaded"}
+            assert stream.status == 200 and not stream.lines[-1].startswith('data: {"error')
         finally:
             stream.close()
         _wait_for(lambda: _stats(http, "a")["requests"]["in_system"] == 0)
         assert _complete(http, "b").status_code == 200  # a is idle now: evicted for b
         assert _states(http) == {"a": "unloaded", "b": "loaded"}
+
+
+def test_cold_model_waits_for_a_busy_one_to_finish_its_turn(models: Path) -> None:
+    # a has had its turn at once (model_turn = 0): it takes no new requests, finishes its
+    # stream, gives its memory to b; a's next request waits for b in turn, and nothing is refused
+    settings = 'threads = 1\nmemory_budget = "300MiB"\nmodel_turn = 0\n'
+    config = _config(models, _model("a") + _model("b"), settings)
+    body = {"model": "a", "prompt": "hello", "max_tokens": 600, "stream": True, "ignore_eos": True}
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        stream = Stream(server.url, body)
+        replies: dict[str, httpx.Response] = {}
+        cold = threading.Thread(target=lambda: replies.update(b=_complete(http, "b")))
+        cold.start()
+        _wait_for(lambda: _stats(http, "b")["requests"]["in_system"] == 1)
+        with server.http() as other:
+            again = threading.Thread(target=lambda: replies.update(a=_complete(other, "a")))
+            again.start()
+            stream.finish()
+            cold.join(30)
+            again.join(30)
+        assert stream.lines[-1] == "data: [DONE]"
+        assert '"finish_reason": "length"' in stream.lines[-2]  # a's stream was not cut
+        assert replies["b"].status_code == 200, replies["b"].text
+        assert replies["a"].status_code == 200, replies["a"].text
+        assert _stats(http, "a")["loads"] == 2 and _stats(http, "b")["loads"] == 1
+        assert _states(http) == {"a": "loaded", "b": "unloaded"}
+        for model in "ab":
+            requests = _stats(http, model)["requests"]
+            assert requests["refused"] == requests["failed"] == 0
+
+
+def test_model_larger_than_the_budget_is_refused_without_retry(models: Path) -> None:
+    settings = 'threads = 1\nmemory_budget = "300MiB"\n'
+    config = _config(models, _model("a") + _model("huge", "b", n_parallel=64), settings)
+    listing = subprocess.run(
+        [sys.executable, "-m", "multiserve", "models", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert listing.returncode == 1
+    assert "more than the" in listing.stdout and "memory budget" in listing.stdout
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        assert "huge needs" in server.output()  # said at start
+        health = http.get("/health")
+        assert health.status_code == 200  # a still serves
+        assert health.json()["status"] == "degraded"
+        assert "memory budget" in health.json()["failed"]["huge"]
+        refused = _complete(http, "huge")
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "model_too_large"
+        assert "Retry-After" not in refused.headers
+        assert _complete(http, "a").status_code == 200
 
 
 def test_full_queue_is_refused_at_once_with_retry_after(models: Path) -> None:
@@ -270,6 +334,6 @@ def test_models_command_lists_size_memory_and_state(models: Path) -> None:
         timeout=60,
         env={**os.environ, "COLUMNS": "200"},
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # one model cannot load
     assert "KiB" in result.stdout and "MiB" in result.stdout
     assert "file not found" in result.stdout

@@ -66,6 +66,7 @@ def test_served_document_is_the_one_fuzzed(fuzz_server: RunningServer) -> None:
 RUNTIME_REFUSALS = {
     "context_length_exceeded",
     "n_too_large",
+    "too_many_prompts",
     "token_out_of_vocabulary",
     "empty_prompt",
     "unsupported_schema",

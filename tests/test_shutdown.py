@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -13,13 +14,81 @@ import psutil
 from conftest import run_server
 
 
-def _config(model_dir: Path) -> Path:
-    config = model_dir / "shutdown.toml"
+def _config(model_dir: Path, drain_timeout: float = 20) -> Path:
+    config = model_dir / f"shutdown-{drain_timeout}.toml"
     config.write_text(
-        'threads = 1\ndrain_timeout = 20\n[[models]]\nid = "tiny"\npath = "tiny.gguf"\n'
-        "n_ctx = 4096\npreload = true\n"
+        f'threads = 1\ndrain_timeout = {drain_timeout}\n[[models]]\nid = "tiny"\n'
+        'path = "tiny.gguf"\nn_ctx = 8192\npreload = true\n'
     )
     return config
+
+
+ENDLESS = {"model": "tiny", "prompt": "hi", "max_tokens": 8000, "ignore_eos": True}
+
+
+class _Requests:
+    """Two streams and one plain request that would run far past the drain timeout."""
+
+    def __init__(self, url: str) -> None:
+        self.streams: list[list[str]] = [[], []]
+        self.plain: httpx.Response | None = None
+        self._threads = [
+            threading.Thread(target=self._stream, args=(url, lines)) for lines in self.streams
+        ]
+        self._threads.append(threading.Thread(target=self._plain, args=(url,)))
+        for thread in self._threads:
+            thread.start()
+        while not all(self.streams):
+            time.sleep(0.01)
+
+    def _stream(self, url: str, lines: list[str]) -> None:
+        with (
+            httpx.Client(base_url=url, timeout=60) as http,
+            http.stream("POST", "/v1/completions", json={**ENDLESS, "stream": True}) as response,
+        ):
+            lines.extend(line for line in response.iter_lines() if line)
+
+    def _plain(self, url: str) -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            self.plain = http.post("/v1/completions", json=ENDLESS)
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join(30)
+
+
+def _assert_cut_cleanly(requests: _Requests, log: str) -> None:
+    for lines in requests.streams:
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert requests.plain is not None and requests.plain.status_code == 503
+    assert requests.plain.json()["error"]["code"] == "shutting_down"
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    assert log.count("cut short") == 3, log  # one line per cut request
+
+
+def test_requests_past_the_drain_timeout_are_cut_cleanly(tiny_model, model_dir) -> None:
+    with run_server(["--config", str(_config(model_dir, drain_timeout=1))], model_dir) as server:
+        requests = _Requests(server.url)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 5  # the drain timeout, then a prompt exit
+        requests.join()
+        _assert_cut_cleanly(requests, server.output())
+
+
+def test_second_signal_stops_at_once_and_quietly(tiny_model, model_dir) -> None:
+    with run_server(["--config", str(_config(model_dir, drain_timeout=60))], model_dir) as server:
+        requests = _Requests(server.url)
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 3
+        requests.join()
+        _assert_cut_cleanly(requests, server.output())
 
 
 def _gone(pid: int) -> bool:

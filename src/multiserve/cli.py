@@ -13,14 +13,16 @@ from pydantic import ValidationError
 from multiserve.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    EMBEDDED_MAX_TOKENS,
     ConfigError,
     ModelSpec,
+    SamplingDefaults,
     Settings,
     load_settings,
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     models_from = argparse.ArgumentParser(add_help=False)
     models_from.add_argument("--config", type=Path, help="TOML or JSON config file")
     models_from.add_argument("--model", type=Path, help="a GGUF file (beside the config's)")
@@ -113,10 +115,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     model = args.model
     if model is None and settings.models:
         return settings
+    defaults = SamplingDefaults()
     if model is None:
         from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
 
         model, model_id = default_model_path(), DEFAULT_MODEL_ID
+        defaults = SamplingDefaults(max_tokens=EMBEDDED_MAX_TOKENS)
     else:
         if not model.is_file():
             raise ConfigError(f"--model: file not found: {model}")
@@ -128,6 +132,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             n_parallel=args.parallel,
             n_ctx=args.ctx,
             preload=True,
+            defaults=defaults,
         )
         return Settings(**{**dict(settings), "models": [spec, *settings.models]})
     except ValidationError as exc:
@@ -152,9 +157,10 @@ def exposure_warning(settings: Settings) -> str | None:
 
 def _serve(args: argparse.Namespace) -> int:
     from multiserve.api.app import create_app
-    from multiserve.api.server import serve
+    from multiserve.api.server import listen_socket, serve
 
     settings = _settings(args)
+    sock = listen_socket(settings.host, settings.port)
     if warning := exposure_warning(settings):
         print(f"multiserve: WARNING: {warning}", file=sys.stderr)
     app = create_app(settings)
@@ -163,19 +169,24 @@ def _serve(args: argparse.Namespace) -> int:
         f"http://{settings.host}:{settings.port}",
         file=sys.stderr,
     )
-    serve(app, settings)
+    serve(app, settings, sock)
     return 0
 
 
 def _models(args: argparse.Namespace) -> int:
+    """Print each model's size, memory estimate and whether it can load; 1 if one cannot."""
+    import psutil
     from rich.console import Console
     from rich.table import Table
 
+    from multiserve.config import parse_budget
     from multiserve.fleet.gguf_header import GGUFError, read_header
     from multiserve.fleet.memory import estimate_memory, format_bytes
 
     settings = _settings(args)
+    budget = parse_budget(settings.memory_budget, psutil.virtual_memory().available)
     table = Table("id", "aliases", "file size", "estimated memory", "state")
+    usable = True
     for spec in settings.models:
         size = estimate = "-"
         try:
@@ -187,20 +198,24 @@ def _models(args: argparse.Namespace) -> int:
                 f"KV {format_bytes(est.kv_cache)})"
             )
             state = "ready"
+            if est.total > budget:
+                state = f"[red]needs more than the memory budget ({format_bytes(budget)})[/red]"
         except FileNotFoundError:
             state = "[red]file not found[/red]"
         except (GGUFError, OSError) as exc:
             state = f"[red]unreadable: {exc}[/red]"
+        usable = usable and state == "ready"
         table.add_row(spec.id, ", ".join(spec.aliases), size, estimate, state)
     Console().print(table)
-    return 0
+    Console().print(f"memory budget: {format_bytes(budget)} ({settings.memory_budget})")
+    return 0 if usable else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "bench":
             from multiserve.bench.command import run_bench

@@ -138,6 +138,12 @@ class Settings(BaseModel):
         default="80%", description="bytes ('12GiB', '800MB', 1e9) or a share of MemAvailable"
     )
     max_loaded_models: int | None = Field(default=None, ge=1)
+    model_turn: float = Field(
+        default=15.0,
+        ge=0,
+        description="seconds a busy model keeps its memory before it gives way to a model "
+        "waiting for room",
+    )
     load_timeout: float = Field(default=120.0, gt=0, description="seconds a model load may take")
     share_cores: bool = Field(default=True, description="busy models take turns on the cores")
     worker_nice: int = Field(
@@ -167,7 +173,9 @@ class Settings(BaseModel):
     rate_limit_burst: int | None = Field(
         default=None, ge=1, description="requests a client may send at once; default rpm / 6"
     )
-    drain_timeout: float = Field(default=30.0, ge=0, description="seconds to finish on SIGTERM")
+    drain_timeout: float = Field(
+        default=10.0, ge=0, description="seconds in-flight requests may finish on SIGTERM/SIGINT"
+    )
     models: list[ModelSpec] = Field(default_factory=list)
 
     @field_validator("memory_budget", mode="before")
@@ -267,6 +275,9 @@ def _format_validation_error(source: str, error: ValidationError, raw: dict) -> 
 
 
 EMBEDDED_MODEL = "embedded:gemma-3-270m"
+# The embedded model is a base model that rarely stops on its own: a request that sets no
+# max_tokens gets this many tokens (seconds), not the rest of its context (minutes).
+EMBEDDED_MAX_TOKENS = 256
 
 
 def _model_path(value: str, base: Path) -> Path:
@@ -298,6 +309,11 @@ def load_settings(path: Path | None, overrides: dict | None = None) -> Settings:
             raise ConfigError(f"{path}: top level must be a table")
         for model in raw.get("models") or []:
             if isinstance(model, dict) and isinstance(model.get("path"), str):
+                if model["path"] == EMBEDDED_MODEL and isinstance(model.get("defaults", {}), dict):
+                    model["defaults"] = {
+                        "max_tokens": EMBEDDED_MAX_TOKENS,
+                        **model.get("defaults", {}),
+                    }
                 model["path"] = str(_model_path(model["path"], path.parent))
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:

@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from multiserve.api.schemas import NO_OP_VALUES
+
 log = logging.getLogger(__name__)
 
 _TYPES = {
@@ -64,6 +66,40 @@ def model_not_found(name: str) -> APIError:
     )
 
 
+# OpenAI API routes this server does not serve (yet), so a client learns which call it lacks.
+OPENAI_ROUTES = (
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/images",
+    "/v1/audio",
+    "/v1/moderations",
+    "/v1/files",
+    "/v1/uploads",
+    "/v1/batches",
+    "/v1/fine_tuning",
+    "/v1/assistants",
+    "/v1/threads",
+    "/v1/vector_stores",
+    "/v1/realtime",
+    "/v1/conversations",
+    "/v1/containers",
+    "/v1/evals",
+    "/v1/chat/completions/",
+)
+MAX_ROUTE_ECHO = 120
+
+
+def unknown_route(method: str, path: str) -> tuple[str, str]:
+    """The 404 message and code for a route that does not exist here, naming it."""
+    route = f"{method} {path[:MAX_ROUTE_ECHO]}"
+    if any(path == r.rstrip("/") or path.startswith(r.rstrip("/") + "/") for r in OPENAI_ROUTES):
+        return (
+            f"`{route}` is part of the OpenAI API but not implemented by this server.",
+            "unsupported_route",
+        )
+    return f"Unknown route `{route}`.", "unknown_route"
+
+
 # pydantic names a union member in an error's location by its type: 'str', 'list[int]', ...
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|constrained-\w+|[\w-]+\[.*\])$")
 
@@ -100,6 +136,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"Unrecognized request argument supplied: {param}", param
     if kind == "missing" and param:
         return f"Missing required parameter: '{param}'.", param
+    field = param.split(".")[0].split("[")[0] if param else None
+    if field in NO_OP_VALUES:
+        return (
+            f"`{field}` is accepted only as {NO_OP_VALUES[field]}: other values are not "
+            "supported by this server",
+            field,
+        )
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     return (f"Invalid value for '{param}': {message}" if param else message), param
 
@@ -115,12 +158,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(400, message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        code = None
         if exc.status_code == 404:
-            message = "Unknown route."
+            message, code = unknown_route(request.method, request.url.path)
         return JSONResponse(
-            error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers
+            error_body(exc.status_code, message, code=code),
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
 
     @app.exception_handler(Exception)

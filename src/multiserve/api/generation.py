@@ -3,13 +3,15 @@
 The response starts only when the worker accepts the request into its sequence slots, so a
 refusal is a proper status even for streaming clients: 400 for bad input, 503 for a request that
 waited in the queue past its timeout. A client that goes away (while queued or generating)
-cancels its request in the worker, which frees its slots within one step.
+cancels its request in the worker, which frees its slots within one step. A request the server
+cuts at shutdown ends properly too: 503, or an error event and `[DONE]` in a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -19,10 +21,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from multiserve.api.errors import APIError, error_body
 from multiserve.api.formats import ChoiceResult, ResponseFormat, Usage
 from multiserve.api.metrics import RequestTracker
-from multiserve.engine.client import EngineClient, RequestStream, WorkerGone
-from multiserve.engine.protocol import Accepted, ChoiceDelta, Generate, Rejected
+from multiserve.api.request_group import RequestGroup
+from multiserve.engine.client import EngineClient, RequestCut, WorkerGone
+from multiserve.engine.protocol import ChoiceDelta, Generate, Rejected
 from multiserve.fleet.admission import Ticket
 
+log = logging.getLogger(__name__)
+SHUTTING_DOWN_MESSAGE = "The server is shutting down."
 WORKER_GONE_MESSAGE = "The model stopped unexpectedly while generating; please retry."
 DECODE_ERROR_MESSAGE = "The model failed to compute this request; please retry."
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never seen by it
@@ -32,6 +37,14 @@ T = TypeVar("T")
 
 class ClientDisconnected(Exception):
     pass
+
+
+def shutting_down() -> APIError:
+    return APIError(503, SHUTTING_DOWN_MESSAGE, code="shutting_down", headers={"Retry-After": "5"})
+
+
+def _cut(request_id: str, model: str) -> None:
+    log.warning("request %s (%s) cut short: the server is shutting down", request_id, model)
 
 
 def _sse(payload: dict | str) -> str:
@@ -82,7 +95,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def generate(
     http_request: Request,
     engine: EngineClient,
-    request: Generate,
+    requests: list[Generate],
     fmt: ResponseFormat,
     tracker: RequestTracker,
     ticket: Ticket,
@@ -90,11 +103,13 @@ async def generate(
     stream: bool,
     include_usage: bool,
 ) -> Response:
-    """Answer `request`; the ticket is released when the answer is complete or abandoned."""
-    events = engine.open(request)
+    """Answer `requests` (one per prompt) as one response; the ticket is released when the answer
+    is complete or abandoned."""
     handed_over = False
+    group: RequestGroup | None = None
     try:
-        first = await unless_disconnected(http_request, events.next())
+        group = RequestGroup(engine, requests)
+        first = await unless_disconnected(http_request, group.accepted())
         if isinstance(first, Rejected):
             tracker.failed("queue_timeout" if first.timed_out else "rejected")
             if first.timed_out:
@@ -105,24 +120,28 @@ async def generate(
                     headers={"Retry-After": str(ticket.retry_after())},
                 )
             raise APIError(400, first.message, param=first.param, code=first.code)
-        assert isinstance(first, Accepted)
         if stream:
-            body = _stream(events, fmt, tracker, ticket, first.prompt_tokens, include_usage)
+            body = _stream(group, fmt, tracker, ticket, first.prompt_tokens, include_usage)
             handed_over = True
-            return _EventStream(body, cleanup=lambda: (events.close(), ticket.release()))
-        collected = _collect(events, fmt, tracker, first.prompt_tokens)
+            return _EventStream(body, cleanup=lambda: (group.close(), ticket.release()))
+        collected = _collect(group, fmt, tracker, first.prompt_tokens)
         return JSONResponse(await unless_disconnected(http_request, collected))
     except WorkerGone:
         tracker.failed("worker_exit")
         raise APIError(
             503, WORKER_GONE_MESSAGE, code="model_crashed", headers={"Retry-After": "1"}
         ) from None
+    except RequestCut:
+        tracker.failed("shutting_down")
+        _cut(requests[0].request_id, fmt.model)
+        raise shutting_down() from None
     except ClientDisconnected:
         tracker.failed("client_disconnected")
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         if not handed_over:
-            events.close()
+            if group is not None:
+                group.close()
             ticket.release()
 
 
@@ -130,12 +149,9 @@ class _DecodeFailed(Exception):
     pass
 
 
-async def _deltas(events: RequestStream, tracker: RequestTracker) -> AsyncIterator[ChoiceDelta]:
+async def _deltas(group: RequestGroup, tracker: RequestTracker) -> AsyncIterator[ChoiceDelta]:
     """The request's token deltas until every choice has finished."""
-    while not events.done:
-        event = await events.next()
-        if not isinstance(event, ChoiceDelta):
-            continue
+    async for event in group.deltas():
         if event.finish_reason == "error":
             tracker.failed("decode")
             raise _DecodeFailed
@@ -143,12 +159,12 @@ async def _deltas(events: RequestStream, tracker: RequestTracker) -> AsyncIterat
 
 
 async def _collect(
-    events: RequestStream, fmt: ResponseFormat, tracker: RequestTracker, prompt_tokens: int
+    group: RequestGroup, fmt: ResponseFormat, tracker: RequestTracker, prompt_tokens: int
 ) -> dict:
-    results = [ChoiceResult() for _ in range(events.request.n)]
+    results = [ChoiceResult() for _ in range(group.n)]
     completion_tokens = 0
     try:
-        async for delta in _deltas(events, tracker):
+        async for delta in _deltas(group, tracker):
             result = results[delta.index]
             completion_tokens += delta.new_tokens
             result.text.append(delta.text)
@@ -158,13 +174,13 @@ async def _collect(
                 tracker.delivered()
     except _DecodeFailed:
         raise APIError(500, DECODE_ERROR_MESSAGE, code="decode_failed") from None
-    usage = Usage(prompt_tokens, completion_tokens, events.cached_tokens)
+    usage = Usage(prompt_tokens, completion_tokens, group.cached_tokens)
     tracker.finished(usage, [r.finish_reason or "" for r in results])
     return fmt.body(results, usage)
 
 
 async def _stream(
-    events: RequestStream,
+    group: RequestGroup,
     fmt: ResponseFormat,
     tracker: RequestTracker,
     ticket: Ticket,
@@ -174,9 +190,9 @@ async def _stream(
     completion_tokens = 0
     reasons: list[str] = []
     try:
-        for chunk in fmt.opening_chunks(events.request.n):
+        for chunk in fmt.opening_chunks(group.n):
             yield _sse(chunk)
-        async for delta in _deltas(events, tracker):
+        async for delta in _deltas(group, tracker):
             completion_tokens += delta.new_tokens
             if delta.finish_reason:
                 reasons.append(delta.finish_reason)
@@ -184,7 +200,7 @@ async def _stream(
                 yield _sse(fmt.chunk(delta.index, delta.text, delta.logprobs, delta.finish_reason))
                 if delta.text:
                     tracker.delivered()
-        usage = Usage(prompt_tokens, completion_tokens, events.cached_tokens)
+        usage = Usage(prompt_tokens, completion_tokens, group.cached_tokens)
         tracker.finished(usage, reasons)
         if include_usage:
             yield _sse(fmt.usage_chunk(usage))
@@ -193,10 +209,14 @@ async def _stream(
     except WorkerGone:
         tracker.failed("worker_exit")
         yield _sse(error_body(500, WORKER_GONE_MESSAGE, code="model_crashed"))
+    except RequestCut:
+        tracker.failed("shutting_down")
+        _cut(group.streams[0].request.request_id, fmt.model)
+        yield _sse(error_body(503, SHUTTING_DOWN_MESSAGE, code="shutting_down"))
     except (asyncio.CancelledError, GeneratorExit):
         tracker.failed("client_disconnected")
         raise
     finally:
-        events.close()
+        group.close()
         ticket.release()
     yield _sse("[DONE]")

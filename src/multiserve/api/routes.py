@@ -13,17 +13,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from multiserve.api.errors import APIError, model_not_found
 from multiserve.api.formats import ChatFormat, ResponseFormat, TextFormat
-from multiserve.api.generation import generate
+from multiserve.api.generation import generate, shutting_down
 from multiserve.api.metrics import Metrics
 from multiserve.api.openapi import EVENT_STREAM, error_responses
 from multiserve.api.rate_limit import RateLimiter, client_identity, retry_after_header
 from multiserve.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from multiserve.api.security import API_KEY_SCOPE
 from multiserve.config import Settings
-from multiserve.engine.client import EngineClient
+from multiserve.engine.client import EngineClient, RequestCut
 from multiserve.engine.protocol import Generate, SamplingParams
 from multiserve.fleet.admission import Overloaded, Ticket
-from multiserve.fleet.manager import Fleet, ModelBusy, ModelEntry, ModelUnavailable
+from multiserve.fleet.manager import (
+    Fleet,
+    ModelBusy,
+    ModelEntry,
+    ModelTooLarge,
+    ModelUnavailable,
+)
 from multiserve.templates.chat import ChatTemplateError, resolve_template
 
 
@@ -40,7 +46,7 @@ class ServerState:
 router = APIRouter()
 _HEALTH = {
     503: {
-        "description": "Draining for shutdown: send traffic elsewhere.",
+        "description": "Draining for shutdown, or no model can serve: send traffic elsewhere.",
         "content": {"application/json": {}},
     }
 }
@@ -57,7 +63,9 @@ def _entry(state: ServerState, name: str) -> ModelEntry:
     return entry
 
 
-def _unavailable(exc: ModelUnavailable) -> APIError:
+def _unavailable(exc: ModelUnavailable | ModelTooLarge) -> APIError:
+    if isinstance(exc, ModelTooLarge):  # a 4xx: clients retry 5xx, and that cannot help here
+        return APIError(400, str(exc), param="model", code="model_too_large")
     return APIError(
         503, str(exc), code="model_unavailable", headers={"Retry-After": str(exc.retry_after)}
     )
@@ -80,12 +88,11 @@ def _check_rate(state: ServerState, request: Request, model_id: str) -> None:
 
 
 async def _admitted(
-    state: ServerState, request: Request, body: SamplingRequest
+    state: ServerState, request: Request, body: SamplingRequest, prompts: int
 ) -> tuple[ModelEntry, Ticket]:
+    """The model and a place in its queue for each prompt, or the refusal."""
     if state.draining:
-        raise APIError(
-            503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"}
-        )
+        raise shutting_down()
     entry = _entry(state, body.model)
     limit = min(state.settings.max_n, entry.spec.n_parallel)
     if body.n > limit:
@@ -95,9 +102,16 @@ async def _admitted(
             param="n",
             code="n_too_large",
         )
+    if prompts > entry.admission.capacity:
+        raise APIError(
+            400,
+            f"at most {entry.admission.capacity} prompts per request for model `{entry.spec.id}`",
+            param="prompt",
+            code="too_many_prompts",
+        )
     _check_rate(state, request, entry.spec.id)
     try:
-        return entry, state.fleet.admit(entry)
+        return entry, state.fleet.admit(entry, prompts)
     except Overloaded as exc:
         state.metrics.refused(entry.spec.id, "queue_full")
         raise APIError(
@@ -114,13 +128,16 @@ async def _admitted(
 async def _engine(
     state: ServerState, entry: ModelEntry, ticket: Ticket, deadline: float
 ) -> EngineClient:
-    """The model's worker; waiting for a load counts against the request's queue timeout."""
-    if entry.client is not None and entry.client.alive:
-        return entry.client  # the common case: no timer task per request
+    """The model's worker; waiting for a load or for room counts against the request's queue
+    timeout."""
+    if (client := state.fleet.ready(entry)) is not None:
+        return client  # the common case: no timer task per request
     try:
         return await asyncio.wait_for(state.fleet.engine(entry), deadline - time.monotonic())
-    except ModelUnavailable as exc:
+    except (ModelUnavailable, ModelTooLarge) as exc:
         raise _unavailable(exc) from None
+    except RequestCut:
+        raise shutting_down() from None
     except TimeoutError:
         raise APIError(
             503,
@@ -156,26 +173,30 @@ def _sampling(
     )
 
 
-async def _complete(request: Request, body: SamplingRequest, build) -> Response:
-    """Admit, get the worker, build the engine request and format, and answer."""
+async def _complete(request: Request, body: SamplingRequest, prompts: int, build) -> Response:
+    """Admit, get the worker, build the engine requests (one per prompt) and format, answer."""
     state = _state(request)
     arrived = time.monotonic()
-    entry, ticket = await _admitted(state, request, body)
+    entry, ticket = await _admitted(state, request, body, prompts)
     tracker = state.metrics.track(entry.spec.id)  # latencies count from arrival, loads included
     try:
         deadline = arrived + entry.spec.queue_timeout
         engine = await _engine(state, entry, ticket, deadline)
-        prompt, add_bos, fmt = build(entry, engine)
-        generate_request = Generate(
-            request_id=uuid.uuid4().hex,
-            prompt=prompt,
-            n=body.n,
-            params=_sampling(entry, body, body.token_limit, body.logprobs_count),
-            add_bos=add_bos,
-            parse_special=True,
-            queue_deadline=deadline,
-            cache_prompt=body.cache_prompt,
-        )
+        built, add_bos, fmt = build(entry, engine)
+        params = _sampling(entry, body, body.token_limit, body.logprobs_count)
+        generate_requests = [
+            Generate(
+                request_id=uuid.uuid4().hex,
+                prompt=prompt,
+                n=body.n,
+                params=params,
+                add_bos=add_bos,
+                parse_special=True,
+                queue_deadline=deadline,
+                cache_prompt=body.cache_prompt,
+            )
+            for prompt in built
+        ]
     except APIError as exc:
         ticket.release()
         tracker.failed(exc.code or "invalid_request")
@@ -187,7 +208,7 @@ async def _complete(request: Request, body: SamplingRequest, build) -> Response:
     return await generate(
         request,
         engine,
-        generate_request,
+        generate_requests,
         fmt,
         tracker,
         ticket,
@@ -200,7 +221,7 @@ async def _complete(request: Request, body: SamplingRequest, build) -> Response:
     "/v1/chat/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503)
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    def build(entry: ModelEntry, engine: EngineClient) -> tuple[str, bool, ResponseFormat]:
+    def build(entry: ModelEntry, engine: EngineClient) -> tuple[list, bool, ResponseFormat]:
         info = engine.info
         template = resolve_template(
             info.chat_template,
@@ -220,18 +241,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             first and first.special and info.bos_token and first.text.startswith(info.bos_token)
         )
         fmt = ChatFormat(body.model, want_logprobs=body.logprobs)
-        return tuple(segments), not starts_with_bos, fmt
+        return [tuple(segments)], not starts_with_bos, fmt
 
-    return await _complete(request, body, build)
+    return await _complete(request, body, 1, build)
 
 
 @router.post("/v1/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503))
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    def build(entry: ModelEntry, engine: EngineClient) -> tuple[object, bool, ResponseFormat]:
-        prompt = body.prompt if isinstance(body.prompt, str) else tuple(body.prompt)
-        return prompt, True, TextFormat(body.model, want_logprobs=body.logprobs is not None)
+    prompts = body.prompts
 
-    return await _complete(request, body, build)
+    def build(entry: ModelEntry, engine: EngineClient) -> tuple[list, bool, ResponseFormat]:
+        return prompts, True, TextFormat(body.model, want_logprobs=body.logprobs is not None)
+
+    return await _complete(request, body, len(prompts), build)
 
 
 def _model_card(entry: ModelEntry) -> dict:
@@ -257,8 +279,10 @@ async def load_model(model_id: str, request: Request) -> dict:
     entry = _entry(state, model_id)
     try:
         await state.fleet.engine(entry)
-    except ModelUnavailable as exc:
+    except (ModelUnavailable, ModelTooLarge) as exc:
         raise _unavailable(exc) from None
+    except RequestCut:
+        raise shutting_down() from None
     return _model_card(entry)
 
 
@@ -305,11 +329,19 @@ async def model_action_without_post(model_id: str, request: Request) -> dict:
 
 @router.get("/health", responses=_HEALTH)
 async def health(request: Request) -> JSONResponse:
+    """`ok`; `degraded` (200) when some models failed, 503 when none can serve; `draining`."""
     state = _state(request)
-    models = {i: e.state.value for i, e in state.fleet.entries.items()}
+    fleet = state.fleet
+    models = {i: e.state.value for i, e in fleet.entries.items()}
     if state.draining:
         return JSONResponse({"status": "draining", "models": models}, status_code=503)
-    return JSONResponse({"status": "ok", "models": models})
+    failed = fleet.failed()
+    if not failed:
+        return JSONResponse({"status": "ok", "models": models})
+    status = 503 if len(failed) == len(fleet.entries) else 200
+    return JSONResponse(
+        {"status": "degraded", "models": models, "failed": failed}, status_code=status
+    )
 
 
 @router.get("/stats")

@@ -1,7 +1,9 @@
 """OpenAI request bodies, validated with pydantic; fields we do not serve are refused by name.
 
 OpenAI itself answers 400 to an argument it does not know, and a client that sends `tools` must
-learn we ignore them rather than get a silently tool-less answer.
+learn we ignore them rather than get a silently tool-less answer. Fields we do not implement are
+still accepted at their no-op values (`echo: false`, `tools: []`, ...), because many clients send
+every field with its default.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,24 +26,32 @@ from pydantic import (
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
-# OpenAI fields we understand but do not implement yet: refused with a message naming them.
-UNSUPPORTED_FIELDS = frozenset(
-    {
-        "tools",
-        "tool_choice",
-        "functions",
-        "function_call",
-        "parallel_tool_calls",
-        "audio",
-        "modalities",
-        "prediction",
-        "web_search_options",
-        "reasoning_effort",
-        "suffix",
-        "best_of",
-        "echo",
-    }
-)
+# OpenAI fields we understand but do not implement: refused with a message naming them.
+UNSUPPORTED_FIELDS = frozenset({"audio", "web_search_options", "reasoning_effort", "verbosity"})
+# OpenAI fields accepted only at values that change nothing here, and those values as said to a
+# client whose request uses another one.
+NO_OP_VALUES = {
+    "echo": "false",
+    "best_of": "1",
+    "suffix": '""',
+    "tools": "[] (tool calls are not supported yet)",
+    "functions": "[] (function calls are not supported yet)",
+    "tool_choice": '"none" or "auto" (there are no tools)',
+    "function_call": '"none" or "auto" (there are no functions)',
+    "modalities": '["text"]',
+}
+NoTools = Annotated[list[dict[str, Any]], Field(max_length=0)]
+
+
+def _only(value: object) -> object:
+    """A field accepted at `value` alone, of its exact type (`Literal[False]` would take 0)."""
+
+    def check(given: object) -> object:
+        if type(given) is not type(value) or given != value:
+            raise ValueError(f"only {json.dumps(value)} is supported")
+        return given
+
+    return Annotated[type(value), AfterValidator(check), WithJsonSchema({"const": value})]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -55,6 +66,7 @@ TopLogprobs = Annotated[int, Field(ge=0, le=20), WHOLE]
 Seed = Annotated[int, WHOLE]  # any integer: it is reduced modulo llama.cpp's seed range
 MAX_PROMPT_CHARS = 1 << 22
 MAX_PROMPT_TOKENS = 1 << 20
+MAX_PROMPTS = 256  # per /v1/completions request; each is one request in the model's queue
 TOKEN_KEY = r"^[0-9]{1,10}$"
 MAX_TOKEN_ID = (1 << 31) - 1  # llama_token is an int32
 TokenIdValue = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), WHOLE]
@@ -72,10 +84,28 @@ PROMPT_SCHEMA = {
             "type": "array",
             "items": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
             "minItems": 1,
-            "maxItems": 1,
+            "maxItems": MAX_PROMPTS,
+        },
+        {
+            "type": "array",
+            "items": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID},
+                "minItems": 1,
+                "maxItems": MAX_PROMPT_TOKENS,
+            },
+            "minItems": 1,
+            "maxItems": MAX_PROMPTS,
         },
     ]
 }
+
+
+def _is_prompt_list(value: object) -> bool:
+    """A list of prompts (strings or token lists), as opposed to one prompt's token ids."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], str | list)
+
+
 LOGIT_BIAS_SCHEMA = {
     "type": "object",
     "patternProperties": {TOKEN_KEY: {"type": "number", "minimum": -100, "maximum": 100}},
@@ -88,6 +118,7 @@ Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    include_obfuscation: bool = True  # random padding against length side channels: none here
 
 
 MAX_SCHEMA_DEPTH = 32
@@ -196,6 +227,8 @@ class SamplingRequest(BaseModel):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="before")
     @classmethod
@@ -272,11 +305,27 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class Prediction(BaseModel):
+    """Predicted output: a hint for speed that never changes the answer, so it is accepted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
+    # no-op values only (see NO_OP_VALUES)
+    tools: NoTools | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: NoTools | None = None
+    function_call: Literal["none", "auto"] | None = None
+    modalities: list[Literal["text"]] | None = None
+    prediction: Prediction | None = None
 
     @property
     def token_limit(self) -> int | None:
@@ -288,24 +337,39 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Annotated[str | list[TokenIdValue] | list[str], WithJsonSchema(PROMPT_SCHEMA)]
+    prompt: Annotated[
+        str | list[TokenIdValue] | list[str] | list[list[TokenIdValue]],
+        WithJsonSchema(PROMPT_SCHEMA),
+    ]
     logprobs: TopLogprobs | None = None
+    # no-op values only (see NO_OP_VALUES)
+    echo: _only(False) | None = None
+    best_of: _only(1) | None = None
+    suffix: Literal[""] | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, value: str | list[int] | list[str]) -> str | list[int]:
-        """One prompt per request: a one-string list is that string."""
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("only one prompt per request is supported")
-            value = value[0]
-        if len(value) == 0:
+    def _prompts_in_bounds(cls, value: Any) -> Any:
+        """A string, token ids, or a list of either (one choice, or `n`, per prompt)."""
+        prompts = value if _is_prompt_list(value) else [value]
+        if not prompts:
             raise ValueError("prompt must not be empty")
-        if isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-        if isinstance(value, list) and len(value) > MAX_PROMPT_TOKENS:
-            raise ValueError(f"prompt has more than {MAX_PROMPT_TOKENS} token ids")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        for prompt in prompts:
+            if len(prompt) == 0:
+                raise ValueError("prompt must not be empty")
+            if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+            if isinstance(prompt, list) and len(prompt) > MAX_PROMPT_TOKENS:
+                raise ValueError(f"prompt has more than {MAX_PROMPT_TOKENS} token ids")
         return value
+
+    @property
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """Every prompt of the request, in order; choices are numbered prompt by prompt."""
+        listed = self.prompt if _is_prompt_list(self.prompt) else [self.prompt]
+        return [p if isinstance(p, str) else tuple(p) for p in listed]
 
     @property
     def token_limit(self) -> int | None:

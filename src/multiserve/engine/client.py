@@ -48,9 +48,18 @@ class WorkerGone(RuntimeError):
     """The worker exited while a request was in flight."""
 
 
+class RequestCut(RuntimeError):
+    """The server cut the request short because it is shutting down."""
+
+
 @dataclass(frozen=True)
 class _Exited:
     exitcode: int | None
+
+
+@dataclass(frozen=True)
+class _Cut:
+    pass
 
 
 class WorkerProcess:
@@ -79,17 +88,21 @@ class RequestStream:
     def __init__(self, client: EngineClient, request: Generate) -> None:
         self._client = client
         self.request = request
-        self.queue: asyncio.Queue[Event | _Exited] = asyncio.Queue()
+        self.queue: asyncio.Queue[Event | _Exited | _Cut] = asyncio.Queue()
         self._open_choices = request.n
         self.done = False
         self.cached_tokens = 0  # prompt tokens the worker took from its cache
 
     async def next(self) -> Event:
-        """The next event; raises WorkerGone if the worker died first."""
+        """The next event; raises WorkerGone if the worker died first, RequestCut if the server
+        cut the request at shutdown."""
         event = await self.queue.get()
         if isinstance(event, _Exited):
             self.done = True
             raise WorkerGone(f"model worker exited unexpectedly (exit code {event.exitcode})")
+        if isinstance(event, _Cut):
+            self.done = True
+            raise RequestCut("the server is shutting down")
         if isinstance(event, Rejected):
             self.done = True
         elif isinstance(event, Prefilled):
@@ -121,6 +134,7 @@ class EngineClient:
         self.waiting = 0
         self.host_cache = CacheUsage()
         self.alive = False
+        self.accepting = True  # False once the server cut its requests at shutdown
         self._on_exit = on_exit
         self._streams: dict[str, RequestStream] = {}
         self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -152,12 +166,21 @@ class EngineClient:
 
     def open(self, request: Generate) -> RequestStream:
         """Send a request; read its events from the returned stream, and always `close` it."""
+        if not self.accepting:
+            raise RequestCut("the server is shutting down")
         if not self.alive:
             raise WorkerGone("model worker is not running")
         stream = RequestStream(self, request)
         self._streams[request.request_id] = stream
         self._outbox.put(request)
         return stream
+
+    def cut_all(self) -> None:
+        """Take no more requests and end every open one with RequestCut (server shutdown)."""
+        self.accepting = False
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(_Cut())
+            self._forget(stream.request.request_id, cancel=True)
 
     @property
     def in_flight(self) -> int:

@@ -1,14 +1,21 @@
 """The fleet: every configured model, its state, and getting requests to a running worker.
 
 Loads are lazy and single-flight (concurrent requests for a cold model share one load), checked
-against a memory budget with least-recently-used eviction of idle models, and isolated: a worker
-that dies marks only its model failed, with a back-off before the next load try. Idle models
-unload after their TTL; pinned ones never leave.
+against a memory budget, and isolated: a worker that dies marks only its model failed, with a
+back-off before the next load try. Idle models unload after their TTL; pinned ones never leave.
+
+A load that does not fit waits for room, in arrival order with other loads, for as long as one of
+its requests still waits: the least recently used idle model is evicted at once; when only busy
+models hold the memory, the one loaded longest gives way once it has had its turn (`model_turn`
+seconds loaded): it takes no new requests (they wait to load it again), finishes those it has,
+and is unloaded. Models just used are not idle for a moment's gap between a client's requests,
+so concurrent traffic over more models than fit swaps models once a turn, not once a request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
 import time
@@ -19,7 +26,7 @@ from pathlib import Path
 import psutil
 
 from multiserve.config import ModelSpec, Settings, parse_budget
-from multiserve.engine.client import EngineClient, WorkerLoadError, WorkerProcess
+from multiserve.engine.client import EngineClient, RequestCut, WorkerLoadError, WorkerProcess
 from multiserve.engine.lease import ComputeLease
 from multiserve.engine.protocol import WorkerConfig
 from multiserve.fleet.admission import Admission, Ticket
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 60.0
 SPARE_DELAY_SECONDS = 3.0
 TTL_CHECK_SECONDS = 1.0
+IDLE_GRACE_SECONDS = 1.0  # a model idle for less, within its turn, is between a client's requests
+ROOM_POLL_SECONDS = 0.25  # a load waiting for room looks again this often (turns end in time)
 
 
 def _file_key(path: Path) -> tuple[int, int] | None:
@@ -56,6 +65,10 @@ class ModelUnavailable(RuntimeError):
         self.retry_after = retry_after
 
 
+class ModelTooLarge(RuntimeError):
+    """The model cannot fit the memory budget: retrying will not help. Safe to show a client."""
+
+
 class ModelBusy(RuntimeError):
     """An unload was asked of a model with requests in flight."""
 
@@ -71,6 +84,10 @@ class ModelEntry:
     estimated_for: tuple[int, int] | None = None  # (size, mtime) of the file estimated
     loading: asyncio.Task[EngineClient] | None = None
     draining: bool = False
+    yielding: bool = False  # giving its memory to a waiting model: takes no new requests
+    too_large: bool = False  # needs more than the whole memory budget
+    waiters: int = 0  # callers waiting for this model's worker (a load, or its turn again)
+    loaded_at: float = 0.0
     failures: int = 0
     loads: int = 0
     retry_at: float = 0.0
@@ -79,6 +96,11 @@ class ModelEntry:
     @property
     def busy(self) -> bool:
         return self.admission.in_system > 0
+
+    @property
+    def on_worker(self) -> int:
+        """Requests the worker has now (those admitted but still waiting for it not counted)."""
+        return self.client.in_flight if self.client is not None else 0
 
     @property
     def holds_memory(self) -> bool:
@@ -92,7 +114,7 @@ class Fleet:
         self.settings = settings
         self.budget = parse_budget(settings.memory_budget, psutil.virtual_memory().available)
         self.entries = {
-            spec.id: ModelEntry(spec, Admission(spec.n_parallel, spec.queue_limit))
+            spec.id: ModelEntry(spec, Admission(spec.n_parallel, spec.queue_limit, self._changed))
             for spec in settings.models
         }
         self._by_name = {name: spec.id for spec in settings.models for name in spec.names}
@@ -101,6 +123,8 @@ class Fleet:
         self._spare: WorkerProcess | None = None
         self._spare_timer: asyncio.TimerHandle | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._change = asyncio.Event()  # set (and replaced) whenever a wait for room may end
+        self.closing = False
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -118,20 +142,41 @@ class Fleet:
 
     # -- life of the server ------------------------------------------------------------------
 
+    def failed(self) -> dict[str, str]:
+        """Models that cannot serve now, with why."""
+        return {
+            model_id: entry.error or "failed"
+            for model_id, entry in self.entries.items()
+            if entry.state is ModelState.FAILED
+        }
+
     async def start(self) -> None:
-        """Report missing files, start the spare worker and TTL reaper, preload models."""
+        """Check every model's file and size, start the spare worker and TTL reaper, preload."""
         for entry in self.entries.values():
-            if not entry.spec.path.is_file():
-                entry.state, entry.error = ModelState.FAILED, "model file not found"
-                log.error("model %s: file not found: %s", entry.spec.id, entry.spec.path)
+            try:  # a model that fails here is marked failed and logged; the others still serve
+                await self._estimate(entry)
+            except ModelUnavailable:
+                entry.retry_at, entry.failures = 0.0, 0  # the first request looks again
+            except ModelTooLarge:
+                pass
         self._spare = self._new_worker()
         self._reaper = asyncio.create_task(self._reap_idle())
         for entry in self.entries.values():
             if entry.spec.preload and entry.state is not ModelState.FAILED:
                 try:
                     await self.engine(entry)
-                except ModelUnavailable as exc:  # the others still serve; /health shows it
+                except (ModelUnavailable, ModelTooLarge) as exc:
                     log.error("preload of %s skipped: %s", entry.spec.id, exc)
+
+    def cut_all(self) -> None:
+        """Shutdown, past its drain time: end every request now, waiting or running."""
+        self.closing = True
+        for entry in self.entries.values():
+            if entry.client is not None:
+                entry.client.cut_all()
+            if entry.loading is not None:  # its waiters get RequestCut
+                entry.loading.cancel()
+        self._changed()
 
     async def stop(self) -> None:
         """Stop every worker (server shutdown)."""
@@ -146,25 +191,65 @@ class Fleet:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def admit(self, entry: ModelEntry) -> Ticket:
-        """Reserve a place for one request (raises Overloaded when the queue is full)."""
+    def admit(self, entry: ModelEntry, places: int = 1) -> Ticket:
+        """Reserve places for a request's prompts (raises Overloaded when the queue is full)."""
         if entry.draining:
             raise ModelUnavailable(f"model `{entry.spec.id}` is being unloaded", retry_after=5)
-        return entry.admission.enter()
+        return entry.admission.enter(places)
+
+    def ready(self, entry: ModelEntry) -> EngineClient | None:
+        """The model's worker if it takes requests now (the common case: no waiting at all)."""
+        client = entry.client
+        if client is not None and client.alive and not entry.yielding and not self.closing:
+            return client
+        return None
 
     async def engine(self, entry: ModelEntry) -> EngineClient:
-        """A running worker for this model, starting one if needed (shared by all callers)."""
-        if entry.client is not None and entry.client.alive:
-            return entry.client
-        if entry.loading is None:
-            if entry.state is ModelState.FAILED and entry.retry_at > time.monotonic():
-                raise ModelUnavailable(
-                    f"model `{entry.spec.id}` is unavailable ({entry.error}); next load attempt "
-                    f"in {self._backoff(entry)}s",
-                    retry_after=self._backoff(entry),
-                )
-            entry.loading = asyncio.create_task(self._load(entry))
-        return await asyncio.shield(entry.loading)
+        """A running worker for this model, starting one if needed (shared by all callers).
+
+        Waits while the model gives its memory to another and, for room, as long as the caller
+        does; raises ModelUnavailable, ModelTooLarge, or RequestCut at shutdown."""
+        if (client := self.ready(entry)) is not None:
+            return client
+        entry.waiters += 1
+        try:
+            while True:
+                if self.closing:
+                    raise RequestCut("the server is shutting down")
+                if (client := self.ready(entry)) is not None:
+                    return client
+                if entry.too_large:
+                    raise ModelTooLarge(f"model `{entry.spec.id}` {entry.error}")
+                if entry.yielding:  # wait for it to be unloaded, then load it again
+                    await self._wait_for_change()
+                    continue
+                if entry.loading is None:
+                    if entry.state is ModelState.FAILED and entry.retry_at > time.monotonic():
+                        raise ModelUnavailable(
+                            f"model `{entry.spec.id}` is unavailable ({entry.error}); next load "
+                            f"attempt in {self._backoff(entry)}s",
+                            retry_after=self._backoff(entry),
+                        )
+                    entry.loading = asyncio.create_task(self._load(entry))
+                    entry.loading.add_done_callback(_retrieve_exception)
+                try:
+                    return await asyncio.shield(entry.loading)
+                except asyncio.CancelledError:
+                    if self.closing and not asyncio.current_task().cancelling():
+                        raise RequestCut("the server is shutting down") from None
+                    raise  # our caller gave up
+        finally:
+            entry.waiters -= 1
+            self._changed()
+
+    def _changed(self) -> None:
+        """Wake every wait for room or for a model's turn: something they wait on may be over."""
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def _wait_for_change(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._change.wait(), ROOM_POLL_SECONDS)
 
     # -- loading and unloading ---------------------------------------------------------------
 
@@ -197,7 +282,9 @@ class Fleet:
         finally:
             entry.loading = None
         entry.client, entry.state, entry.failures = client, ModelState.LOADED, 0
+        entry.loaded_at = time.monotonic()
         entry.loads += 1
+        self._changed()
         return client
 
     def _replenish_spare(self) -> None:
@@ -229,36 +316,84 @@ class Fleet:
         except OSError as exc:
             self._mark_failed(entry, f"model file cannot be read ({exc.strerror})")
         else:
-            entry.estimated_for = stat_key
-            return estimate_memory(header, entry.spec)
+            estimate = estimate_memory(header, entry.spec)
+            entry.estimate, entry.estimated_for = estimate, stat_key
+            if estimate.total > self.budget:
+                entry.too_large = True
+                self._mark_failed(
+                    entry,
+                    f"needs {format_bytes(estimate.total)} of memory, more than the whole memory "
+                    f"budget ({format_bytes(self.budget)}): raise memory_budget, or lower its "
+                    "n_ctx, n_parallel or kv_cache_type",
+                )
+                raise ModelTooLarge(f"model `{entry.spec.id}` {entry.error}")
+            entry.too_large = False
+            return estimate
         raise ModelUnavailable(f"model `{entry.spec.id}` {entry.error}", self._backoff(entry))
 
     async def _make_room(self, entry: ModelEntry, needed: int) -> None:
-        """Evict idle, unpinned models, least recently used first, until `needed` bytes fit."""
+        """Evict or wait until `needed` bytes fit (see the module's docstring for the order)."""
         limit = self.settings.max_loaded_models
-        while True:
-            holding = [e for e in self.entries.values() if e.holds_memory and e is not entry]
-            free = self.budget - self.reserved_bytes(excluding=entry)
-            if needed <= free and (limit is None or len(holding) < limit):
-                return
-            idle = [
-                e
-                for e in holding
-                if e.state is ModelState.LOADED and not e.busy and not e.spec.pinned
-            ]
-            if not idle:
-                reason = (
-                    f"needs {format_bytes(needed)}, {format_bytes(max(free, 0))} available "
-                    f"within the memory budget of {format_bytes(self.budget)}"
-                    if needed > free
-                    else f"{limit} models are loaded and busy or pinned"
-                )
-                raise ModelUnavailable(
-                    f"model `{entry.spec.id}` cannot be loaded now: {reason}", retry_after=10
-                )
-            victim = min(idle, key=lambda e: e.admission.last_used)
-            log.info("evicting %s to make room for %s", victim.spec.id, entry.spec.id)
-            await self._stop_worker(victim)
+        giving_way: ModelEntry | None = None
+        try:
+            while True:
+                if self.closing:
+                    raise RequestCut("the server is shutting down")
+                if entry.waiters == 0:
+                    raise ModelUnavailable(f"nobody waits for model `{entry.spec.id}` any more")
+                holding = [e for e in self.entries.values() if e.holds_memory and e is not entry]
+                free = self.budget - self.reserved_bytes(excluding=entry)
+                if needed <= free and (limit is None or len(holding) < limit):
+                    return
+                self._check_can_fit(entry, needed, holding)
+                now = time.monotonic()
+                movable = [e for e in holding if e.state is ModelState.LOADED and not e.spec.pinned]
+                idle = [
+                    e
+                    for e in movable
+                    if (e.yielding and e.on_worker == 0)
+                    or (not e.busy and (self._turn_over(e, now) or self._idle_for(e, now)))
+                ]
+                if idle:
+                    victim = min(idle, key=lambda e: e.admission.last_used)
+                    log.info("evicting %s to make room for %s", victim.spec.id, entry.spec.id)
+                    await self._stop_worker(victim)
+                    continue
+                turn_over = [e for e in movable if self._turn_over(e, now)]
+                if giving_way is None and turn_over:
+                    giving_way = min(turn_over, key=lambda e: e.loaded_at)
+                    giving_way.yielding = True
+                    log.info(
+                        "%s gives way to %s after its turn: finishing %d requests",
+                        giving_way.spec.id,
+                        entry.spec.id,
+                        giving_way.on_worker,
+                    )
+                await self._wait_for_change()
+        finally:
+            if giving_way is not None and giving_way.yielding:  # not unloaded after all
+                giving_way.yielding = False
+                self._changed()
+
+    def _check_can_fit(self, entry: ModelEntry, needed: int, holding: list[ModelEntry]) -> None:
+        """Raise ModelTooLarge if no eviction can ever make room (pinned models stay)."""
+        pinned = [e for e in holding if e.spec.pinned]
+        pinned_bytes = sum(e.estimate.total for e in pinned if e.estimate is not None)
+        limit = self.settings.max_loaded_models
+        if needed > self.budget - pinned_bytes or (limit is not None and len(pinned) >= limit):
+            raise ModelTooLarge(
+                f"model `{entry.spec.id}` cannot be loaded beside the pinned models "
+                f"({', '.join(e.spec.id for e in pinned)}): it needs {format_bytes(needed)}, "
+                f"{format_bytes(max(0, self.budget - pinned_bytes))} of the memory budget is "
+                "not pinned"
+            )
+
+    def _turn_over(self, entry: ModelEntry, now: float) -> bool:
+        return now - entry.loaded_at >= self.settings.model_turn
+
+    @staticmethod
+    def _idle_for(entry: ModelEntry, now: float) -> bool:
+        return now - entry.admission.last_used >= IDLE_GRACE_SECONDS
 
     @staticmethod
     def _backoff(entry: ModelEntry) -> int:
@@ -287,9 +422,10 @@ class Fleet:
 
     async def _stop_worker(self, entry: ModelEntry) -> None:
         client = entry.client
-        entry.client, entry.state = None, ModelState.UNLOADED
+        entry.client, entry.state, entry.yielding = None, ModelState.UNLOADED, False
         if client is not None:
             await client.stop()
+        self._changed()
 
     async def _reap_idle(self) -> None:
         while True:
@@ -325,4 +461,12 @@ class Fleet:
     def _on_worker_exit(self, client: EngineClient) -> None:
         for entry in self.entries.values():
             if entry.client is client:  # not a stop we asked for: those clear entry.client first
+                entry.yielding = False
                 self._mark_failed(entry, "worker exited unexpectedly")
+                self._changed()
+
+
+def _retrieve_exception(task: asyncio.Task) -> None:
+    """A load whose callers all gave up still ends in an exception nobody awaits: take it."""
+    if not task.cancelled():
+        task.exception()
