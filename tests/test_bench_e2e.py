@@ -34,3 +34,23 @@ def test_bench_against_the_real_server(server, tmp_path: Path) -> None:
     assert all(len(r["itl_ms"]) >= 1 for r in data["points"][0]["records"])
     assert "Successful requests" in done.stdout
     assert (plots / "latency.png").stat().st_size > 1000
+    assert f"results written to {out}\n" in done.stderr
+    assert f"plot written to {plots / 'latency.png'}\n" in done.stderr
+
+
+def test_quiet_bench_prints_only_a_short_summary(server, tmp_path: Path) -> None:
+    out = tmp_path / "quiet.json"
+    command = [
+        sys.executable, "-m", "multiserve", "bench", "--quiet",
+        "--url", server.url, "--model", "tiny",
+        "--requests", "3", "--output-tokens", "4", "--ignore-eos", "--input-tokens", "8",
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == ""
+    summary, where = done.stderr.splitlines()  # one line for the load point, one for the file
+    assert summary.startswith("multiserve bench: concurrency 1: 3 ok, 0 failed, ")
+    assert "output tok/s, median TTFT " in summary and "- ms" not in summary
+    assert where == f"multiserve bench: results written to {out}"
+    assert out.exists()

@@ -4,14 +4,17 @@ open/closed loop, the precheck, and results files that validate against the pack
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import statistics
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from multiserve.bench import command
 from multiserve.bench.client import ClientOptions
 from multiserve.bench.metrics import SLO
 from multiserve.bench.report import result_json
@@ -26,6 +29,7 @@ from multiserve.bench.runner import (
 )
 from multiserve.bench.schema import validate
 from multiserve.bench.workload import make_workload
+from multiserve.cli import build_parser
 
 SSE = {"content-type": "text/event-stream"}
 
@@ -198,3 +202,59 @@ def test_precheck() -> None:
     assert result.stopped_early.startswith("precheck:")
     assert stub.calls == 0
     validate(result_json(result))
+
+
+def bench_command(monkeypatch: pytest.MonkeyPatch, handler, *options: str) -> int:
+    """`multiserve bench` in-process, its requests answered by `handler` instead of a network."""
+    transport = httpx.MockTransport(handler)
+    monkeypatch.setattr(command, "BenchRunner", functools.partial(BenchRunner, transport=transport))
+    base = ["bench", "--url", "http://stub.test", "--model", "m", "--input-tokens", "4"]
+    return command.run_bench(build_parser().parse_args([*base, *options]))
+
+
+def test_quiet_bench_still_says_how_it_went_and_where_files_are(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, plots = tmp_path / "r.json", tmp_path / "plots"
+    options = ["--sweep-concurrency", "1,2", "--requests", "4", "--quiet"]
+    files = ["--out", str(out), "--plot", str(plots)]
+    assert bench_command(monkeypatch, StreamingStub(), *options, *files) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing for scripts to parse around
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("multiserve bench: concurrency 1: 4 ok, 0 failed, ")
+    assert lines[1].startswith("multiserve bench: concurrency 2: 4 ok, 0 failed, ")
+    assert all("output tok/s, median TTFT " in line for line in lines[:2])
+    assert lines[2:] == [
+        f"multiserve bench: results written to {out}",
+        f"multiserve bench: plot written to {plots / 'latency.png'}",
+        f"multiserve bench: plot written to {plots / 'sweep.png'}",
+    ]
+    assert out.exists() and (plots / "sweep.png").exists()
+
+
+def test_quiet_bench_that_stopped_says_why_and_that_no_plot_was_made(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, plots = tmp_path / "r.json", tmp_path / "plots"
+    options = ["--warmup", "2", "--quiet", "--out", str(out), "--plot", str(plots)]
+    assert bench_command(monkeypatch, always_500, *options) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "multiserve bench: stopped early: all 2 warmup requests failed (http_5xx: internal error)",
+        f"multiserve bench: results written to {out}",
+        "multiserve bench: no plots written: no load point ran",
+    ]
+
+
+def test_bench_says_where_files_are(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, plots = tmp_path / "[run]" / "r.json", tmp_path / "plots"  # brackets: not rich markup
+    options = ["--requests", "3", "--out", str(out), "--plot", str(plots)]
+    assert bench_command(monkeypatch, StreamingStub(), *options) == 0
+    captured = capsys.readouterr()
+    assert "Successful requests" in captured.out  # the table, as before
+    assert f"results written to {out}\n" in captured.err
+    assert f"plot written to {plots / 'latency.png'}\n" in captured.err

@@ -96,7 +96,9 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--slo", help="goodput targets, e.g. ttft:500,tpot:50,e2el:3000 (ms)")
     report.add_argument("--out", type=Path, help="results JSON file")
     report.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots to DIR")
-    report.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    report.add_argument(
+        "--quiet", action="store_true", help="no progress bar or table: a short summary on stderr"
+    )
 
     compare = sub.add_parser(
         "compare",

@@ -18,7 +18,14 @@ from rich.console import Console
 
 from multiserve.bench.client import ClientOptions
 from multiserve.bench.metrics import parse_slo
-from multiserve.bench.report import LiveProgress, plot_run, print_summary, result_json, write_json
+from multiserve.bench.report import (
+    LiveProgress,
+    brief_summary,
+    plot_run,
+    print_summary,
+    result_json,
+    write_json,
+)
 from multiserve.bench.runner import BenchResult, BenchRunner, ConfigError, LoadPoint, RunConfig
 from multiserve.bench.workload import WorkloadError, make_workload
 
@@ -124,18 +131,30 @@ def run_bench(args: argparse.Namespace) -> int:
     progress = None if args.quiet else LiveProgress(err)
     runner = BenchRunner(config, progress=progress, log=lambda msg: err.print(f"[yellow]{msg}[/]"))
     result = asyncio.run(_run(runner))
-    if not args.quiet:
+
+    def note(message: str) -> None:
+        """Plain stderr lines under --quiet, so stdout stays empty for scripts."""
+        if args.quiet:
+            print(f"multiserve bench: {message}", file=sys.stderr)
+        else:
+            err.print(message, markup=False, soft_wrap=True)  # a path is not markup
+
+    if args.quiet:  # still say how it went, or a quiet run looks like it did nothing
+        for line in brief_summary(result):
+            note(line)
+        if result.stopped_early:
+            note(f"stopped early: {result.stopped_early}")
+    else:
         print_summary(result, out)
-    elif result.stopped_early:
-        print(f"multiserve bench: stopped early: {result.stopped_early}", file=sys.stderr)
     if args.out is not None:
         write_json(result_json(result), args.out)
-        if not args.quiet:
-            err.print(f"results written to {args.out}")
-    if args.plot is not None and result.points:
-        for path in plot_run(result, args.plot):
-            if not args.quiet:
-                err.print(f"plot written to {path}")
+        note(f"results written to {args.out}")
+    if args.plot is not None:
+        if result.points:
+            for path in plot_run(result, args.plot):
+                note(f"plot written to {path}")
+        else:
+            note("no plots written: no load point ran")
     if result.stopped_early or any(p.summary["completed"] == 0 for p in result.points):
         return 1
     return 0

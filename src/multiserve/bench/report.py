@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -28,6 +29,10 @@ from multiserve import __version__
 from multiserve.bench.client import RequestError, RequestRecord
 from multiserve.bench.metrics import LATENCIES, tpot
 from multiserve.bench.runner import BenchResult, PointResult
+
+if TYPE_CHECKING:  # matplotlib and numpy load only when plotting
+    import numpy as np
+    from matplotlib.figure import Figure
 
 SCHEMA_VERSION = 1
 
@@ -301,6 +306,20 @@ def print_summary(result: BenchResult, console: Console) -> None:
         console.print(f"[bold red]stopped early:[/] {result.stopped_early}")
 
 
+def brief_summary(result: BenchResult) -> list[str]:
+    """One line per load point for --quiet: enough to see that the run worked and how fast,
+    without the table."""
+    lines = []
+    for point in result.points:
+        s = point.summary
+        lines.append(
+            f"{point.point.label}: {s['completed']} ok, {s['failed']} failed, "
+            f"{_fmt(s['output_throughput'], 1)} output tok/s, "
+            f"median TTFT {_fmt(s['median_ttft_ms'], 1)} ms"
+        )
+    return lines
+
+
 def _mpl():
     import matplotlib
 
@@ -310,34 +329,59 @@ def _mpl():
     return plt
 
 
-def plot_run(result: BenchResult, directory: Path) -> list[Path]:
-    """latency.png (TTFT/TPOT/E2EL histograms, one colour per point) and, for sweeps,
-    sweep.png (throughput and latency against the swept parameter)."""
+_HISTOGRAM_BINS = 30
+_HISTOGRAMS: tuple[tuple[str, Callable[[RequestRecord], float | None]], ...] = (
+    ("TTFT", lambda r: r.ttft),
+    ("TPOT", tpot),
+    ("E2EL", lambda r: r.e2el),
+)
+
+
+def shared_bin_edges(
+    series: Sequence[Sequence[float]], bins: int = _HISTOGRAM_BINS
+) -> np.ndarray | None:
+    """One set of bin edges over every series' values, so the load points' histograms line up
+    bar for bar and can be compared; None when there are no values at all."""
+    import numpy as np
+
+    values = [v for s in series for v in s]
+    return np.histogram_bin_edges(values, bins=bins) if values else None
+
+
+def latency_figure(result: BenchResult) -> Figure:
+    """TTFT/TPOT/E2EL histograms, one step outline per load point on shared bins, with
+    whole-number ticks on the request-count axis (there is no half a request)."""
     plt = _mpl()
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (name, getter) in zip(
-        axes,
-        (
-            ("TTFT", lambda r: r.ttft),
-            ("TPOT", tpot),
-            ("E2EL", lambda r: r.e2el),
-        ),
-        strict=True,
-    ):
+    for ax, (name, getter) in zip(axes, _HISTOGRAMS, strict=True):
+        series: list[list[float]] = []
         for point in result.points:
             values = [getter(r) for r in point.records if r.success]
-            values = [v * 1000 for v in values if v is not None]
+            series.append([v * 1000 for v in values if v is not None])
+        edges = shared_bin_edges(series)
+        for point, values in zip(result.points, series, strict=True):
             if values:
-                ax.hist(values, bins=30, histtype="step", linewidth=1.5, label=point.point.label)
+                ax.hist(values, bins=edges, histtype="step", linewidth=1.5, label=point.point.label)
         ax.set_title(f"{name} distribution")
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("requests")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if len(result.points) > 1 and ax.has_data():
             ax.legend(fontsize="small")
     fig.suptitle(f"{result.config.client.model} @ {result.config.client.url}")
     fig.tight_layout()
+    return fig
+
+
+def plot_run(result: BenchResult, directory: Path) -> list[Path]:
+    """latency.png (see latency_figure) and, for sweeps, sweep.png (throughput and latency
+    against the swept parameter)."""
+    plt = _mpl()
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig = latency_figure(result)
     path = directory / "latency.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
