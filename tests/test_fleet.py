@@ -197,6 +197,22 @@ def test_cold_model_waits_for_a_busy_one_to_finish_its_turn(models: Path) -> Non
             assert requests["refused"] == requests["failed"] == 0
 
 
+def test_client_gone_while_waiting_for_room_gives_up_its_place(models: Path) -> None:
+    settings = 'threads = 1\nmemory_budget = "300MiB"\nmodel_turn = 60\n'
+    config = _config(models, _model("a") + _model("b"), settings)
+    with run_server(["--config", str(config)], models) as server, server.http() as http:
+        stream = Stream(server.url, {"model": "a", **LONG})
+        try:
+            with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=1.0) as impatient:
+                impatient.post(f"{server.url}/v1/completions", json={"model": "b", "prompt": "hi"})
+            _wait_for(lambda: _stats(http, "b")["requests"]["in_system"] == 0, timeout=3)
+            assert not _stats(http, "a")["giving_way"]
+        finally:
+            stream.close()
+        time.sleep(1.0)  # a is idle now: a load still waiting would take its room
+        assert _states(http) == {"a": "loaded", "b": "unloaded"}
+
+
 def test_model_larger_than_the_budget_is_refused_without_retry(models: Path) -> None:
     settings = 'threads = 1\nmemory_budget = "300MiB"\n'
     config = _config(models, _model("a") + _model("huge", "b", n_parallel=64), settings)

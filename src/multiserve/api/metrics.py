@@ -151,6 +151,7 @@ class Metrics:
             stats, client = self.stats[model_id], entry.client
             models[model_id] = {
                 "state": entry.state.value,
+                "giving_way": entry.yielding,
                 "error": entry.error,
                 "loads": entry.loads,
                 "worker_pid": client.pid if client else None,

@@ -13,7 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from multiserve.api.errors import APIError, model_not_found
 from multiserve.api.formats import ChatFormat, ResponseFormat, TextFormat
-from multiserve.api.generation import generate, shutting_down
+from multiserve.api.generation import (
+    CLIENT_CLOSED_REQUEST,
+    ClientDisconnected,
+    generate,
+    shutting_down,
+    unless_disconnected,
+)
 from multiserve.api.metrics import Metrics
 from multiserve.api.openapi import EVENT_STREAM, error_responses
 from multiserve.api.rate_limit import RateLimiter, client_identity, retry_after_header
@@ -126,14 +132,15 @@ async def _admitted(
 
 
 async def _engine(
-    state: ServerState, entry: ModelEntry, ticket: Ticket, deadline: float
+    state: ServerState, request: Request, entry: ModelEntry, ticket: Ticket, deadline: float
 ) -> EngineClient:
     """The model's worker; waiting for a load or for room counts against the request's queue
-    timeout."""
+    timeout, and a client gone meanwhile stops waiting (a load nobody waits for stops too)."""
     if (client := state.fleet.ready(entry)) is not None:
         return client  # the common case: no timer task per request
+    waiting = unless_disconnected(request, state.fleet.engine(entry))
     try:
-        return await asyncio.wait_for(state.fleet.engine(entry), deadline - time.monotonic())
+        return await asyncio.wait_for(waiting, deadline - time.monotonic())
     except (ModelUnavailable, ModelTooLarge) as exc:
         raise _unavailable(exc) from None
     except RequestCut:
@@ -181,7 +188,7 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
     tracker = state.metrics.track(entry.spec.id)  # latencies count from arrival, loads included
     try:
         deadline = arrived + entry.spec.queue_timeout
-        engine = await _engine(state, entry, ticket, deadline)
+        engine = await _engine(state, request, entry, ticket, deadline)
         built, add_bos, fmt = build(entry, engine)
         params = _sampling(entry, body, body.token_limit, body.logprobs_count)
         generate_requests = [
@@ -201,6 +208,10 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
         ticket.release()
         tracker.failed(exc.code or "invalid_request")
         raise
+    except ClientDisconnected:
+        ticket.release()
+        tracker.failed("client_disconnected")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except BaseException:
         ticket.release()
         tracker.failed("client_disconnected")

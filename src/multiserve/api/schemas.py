@@ -52,6 +52,8 @@ def _only(value: object) -> object:
         return given
 
     return Annotated[type(value), AfterValidator(check), WithJsonSchema({"const": value})]
+
+
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
