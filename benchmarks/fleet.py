@@ -1,7 +1,9 @@
-"""Fleet benchmark: several models on one machine — core sharing, cold start, and a request flood.
+"""Fleet benchmark: several models on one machine — core sharing, cold start, a request flood,
+and traffic over more models than fit.
 
     .venv/bin/python benchmarks/fleet.py [--threads 2] [--tokens 64] [--port 8094]
-                                         [--out results.json] [--only sharing,cold,flood]
+                                         [--out results.json]
+                                         [--only sharing,cold,flood,rotation]
 
 What it measures, each on its own `multiserve serve --config <generated toml>` subprocess bound to
 127.0.0.1 and serving the embedded model (`embedded:gemma-3-270m`) under the ids it needs:
@@ -22,6 +24,16 @@ What it measures, each on its own `multiserve serve --config <generated toml>` s
    once. Every admitted request must complete with all its tokens, every other one must be
    refused with 503 `queue_full` and a Retry-After header in under 50 ms, and nothing else may
    come back.
+4. Rotation. Three models (`r1`-`r3`, 2 slots each) with room for two (`max_loaded_models = 2`).
+   Concurrent traffic: one client per model sends 32-token requests back to back for 45 s. Then
+   sequential traffic: one client cycles r1, r2, r3 six times. Each on a server with the default
+   `model_turn` (15 s) and one with `model_turn = 0` (a busy model gives way at once). Reported:
+   loads per request, requests served per model, latency. Target, concurrent traffic: with turns,
+   every request served (none refused or failed), every model served, and at most a quarter of
+   the loads per request that the same traffic causes without turns. The sequential cycle is
+   reported without a target: with room for two of three models used strictly in turn, the least
+   recently used model is always the next one asked for, so it reloads on every switch whatever
+   the turn (a cyclic pattern defeats any LRU policy).
 
 Why it is built this way:
 
@@ -101,7 +113,7 @@ from serving_core import (  # benchmarks/ is sys.path[0] when this file runs as 
     running_server,
 )
 
-PHASES = ("sharing", "cold", "flood")
+PHASES = ("sharing", "cold", "flood", "rotation")
 # The context shape of the sharing and cold-start models, mirrored exactly by the cold anchor.
 SHAPE = {"n_ctx": 1024, "n_parallel": 4, "step_tokens": 256}
 STREAMS_PER_MODEL = 4
@@ -117,6 +129,12 @@ FLOOD_TOKENS = 16
 TARGET_SHARING = 0.9  # both busy / one alone, with the lease
 TARGET_COLD = 1.5  # multiserve first token / raw load + first token
 TARGET_REFUSAL_S = 0.050
+ROTATION_MODELS = ("r1", "r2", "r3")  # three models, room for two (max_loaded_models = 2)
+ROTATION_TOKENS = 32
+ROTATION_SECONDS = 45.0  # concurrent traffic: each model's client loops for this long
+ROTATION_CYCLES = 6  # sequential traffic: one client cycles through the models this often
+ROTATION_TURNS = {"turns": 15.0, "no turns": 0.0}  # model_turn: the default, and none
+TARGET_ROTATION_LOADS = 0.25  # loads per request with turns / without, concurrent traffic
 GREEDY_STREAM = {  # every admitted request yields exactly max_tokens tokens
     "stream": True,
     "stream_options": {"include_usage": True},
@@ -660,6 +678,86 @@ def summarize_flood(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- 4. rotation -----------------------------------------------------------------------------
+
+
+async def _loop_client(
+    client: httpx.AsyncClient, model: str, until: float, prompts: Iterator[int]
+) -> list[Outcome]:
+    outcomes = []
+    while time.perf_counter() < until:
+        outcomes.append(await send(client, model, prompt_text(next(prompts)), ROTATION_TOKENS))
+    return outcomes
+
+
+async def rotation_round(server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    """Concurrent traffic (one looping client per model), then one client cycling the models."""
+    prompts = itertools.count(40_000)
+    async with http_client(args.port) as client:
+        await wait_ready(client, server)
+
+        async def loads() -> int:
+            stats = (await client.get("/stats")).json()["models"]
+            return sum(stats[m]["loads"] for m in ROTATION_MODELS)
+
+        until = time.perf_counter() + ROTATION_SECONDS
+        jobs = [_loop_client(client, m, until, prompts) for m in ROTATION_MODELS]
+        concurrent = [o for outcomes in await asyncio.gather(*jobs) for o in outcomes]
+        concurrent_loads = await loads()
+        sequential = []
+        for _ in range(ROTATION_CYCLES):
+            for model in ROTATION_MODELS:
+                sequential.append(
+                    await send(client, model, prompt_text(next(prompts)), ROTATION_TOKENS)
+                )
+        sequential_loads = await loads() - concurrent_loads
+    return {
+        "config": server.config,
+        "concurrent": {"outcomes": concurrent, "loads": concurrent_loads},
+        "sequential": {"outcomes": sequential, "loads": sequential_loads},
+    }
+
+
+def measure_rotation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    models = [model_table(m, n_ctx=SHAPE["n_ctx"], n_parallel=2) for m in ROTATION_MODELS]
+    results = {}
+    for label, turn in ROTATION_TURNS.items():
+        fields = {"max_loaded_models": 2, "model_turn": turn}
+        name = f"rotation-{turn:g}"
+        with fleet_server(args, tmp, name, models, server_fields=fields) as server:
+            results[label] = asyncio.run(rotation_round(server, args))
+    return results
+
+
+def _traffic_summary(traffic: dict[str, Any]) -> dict[str, Any]:
+    outcomes: list[Outcome] = traffic["outcomes"]
+    problems = [p for o in outcomes if (p := check_complete(o, ROTATION_TOKENS)) is not None]
+    latencies = [o.t_end - o.t_send for o in outcomes]
+    return {
+        "requests": len(outcomes),
+        "failed": problems,
+        "loads": traffic["loads"],
+        "loads_per_request": traffic["loads"] / max(1, len(outcomes)),
+        "served_per_model": {
+            m: sum(o.model == m and o.status == 200 for o in outcomes) for m in ROTATION_MODELS
+        },
+        "latency_p50_s": statistics.median(latencies) if latencies else 0.0,
+        "latency_max_s": max(latencies, default=0.0),
+    }
+
+
+def summarize_rotation(result: dict[str, Any]) -> dict[str, Any]:
+    summary = {
+        label: {kind: _traffic_summary(run[kind]) for kind in ("concurrent", "sequential")}
+        for label, run in result.items()
+    }
+    failed = any(run[kind]["failed"] for run in summary.values() for kind in run)
+    turns, none = summary["turns"]["concurrent"], summary["no turns"]["concurrent"]
+    ratio = turns["loads_per_request"] / max(none["loads_per_request"], 1e-9)
+    passed = not failed and min(turns["served_per_model"].values()) > 0
+    return summary | {"turns_vs_none": ratio, "passed": passed and ratio <= TARGET_ROTATION_LOADS}
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -730,6 +828,23 @@ def _flood_rows(table: Table, s: dict[str, Any], noisy: bool) -> None:
     table.add_row("refusal latency max (ms)", f"{s['refusal_max_s'] * ms:.1f}", "", *target)
 
 
+def _rotation_rows(table: Table, s: dict[str, Any], noisy: bool) -> None:
+    for label, turn in ROTATION_TURNS.items():
+        for kind, what in (("concurrent", "3 looping clients"), ("sequential", "1 client cycling")):
+            t = s[label][kind]
+            served = "/".join(str(n) for n in t["served_per_model"].values())
+            runs = (
+                f"{t['requests']} requests ({served}), {t['loads']} loads, "
+                f"{len(t['failed'])} failed, p50 {t['latency_p50_s']:.1f} s, "
+                f"max {t['latency_max_s']:.1f} s"
+            )
+            row = f"3 models, room for 2, model_turn {turn:g}: {what}, loads per request"
+            table.add_row(row, f"{t['loads_per_request']:.2f}", runs, "-", "-")
+    target = _verdict(s["passed"], f"<= {TARGET_ROTATION_LOADS:g}, none failed", noisy)
+    ratio = f"{s['turns_vs_none']:.2f}"
+    table.add_row("3 looping clients: loads per request, turns / no turns", ratio, "", *target)
+
+
 def render_table(report: dict[str, Any]) -> Table:
     title = "multiserve fleet: sharing and cold start median of 3 rounds; flood one burst"
     table = Table(title=title)
@@ -744,6 +859,8 @@ def render_table(report: dict[str, Any]) -> Table:
         sections.append(lambda: _cold_rows(table, summary["cold"], cold, noisy["cold"]))
     if "flood" in summary:
         sections.append(lambda: _flood_rows(table, summary["flood"], noisy["flood"]))
+    if "rotation" in summary:
+        sections.append(lambda: _rotation_rows(table, summary["rotation"], noisy["rotation"]))
     for i, add_rows in enumerate(sections):
         if i:
             table.add_section()
@@ -807,6 +924,7 @@ def run_phases(
         "sharing": lambda: measure_sharing(args, tmp),
         "cold": lambda: measure_cold(args, tmp, model),
         "flood": lambda: measure_flood(args, tmp),
+        "rotation": lambda: measure_rotation(args, tmp),
     }
     results: dict[str, Any] = {}
     noise: dict[str, Any] = {}
@@ -824,7 +942,19 @@ SUMMARIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "sharing": summarize_sharing,
     "cold": summarize_cold,
     "flood": summarize_flood,
+    "rotation": summarize_rotation,
 }
+
+
+def missed(summary: dict[str, Any]) -> list[str]:
+    """The phases whose target was missed."""
+    checks = {
+        "sharing": lambda s: s["both_vs_alone"] >= TARGET_SHARING,
+        "cold": lambda s: s["multiserve_vs_raw"] <= TARGET_COLD,
+        "flood": lambda s: s["passed"],
+        "rotation": lambda s: s["passed"],
+    }
+    return [phase for phase, s in summary.items() if not checks[phase](s)]
 
 
 def _jsonable(value: object) -> object:
@@ -855,6 +985,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sharing_both_vs_alone_min": TARGET_SHARING,
             "cold_multiserve_vs_raw_max": TARGET_COLD,
             "flood_refusal_max_s": TARGET_REFUSAL_S,
+            "rotation_turns_vs_none_loads_max": TARGET_ROTATION_LOADS,
         },
         "summary": {phase: SUMMARIES[phase](r) for phase, r in results.items()},
         "results": results,
@@ -864,6 +995,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
         out.print(f"wrote {args.out}")
+    if misses := missed(report["summary"]):
+        out.print(f"[red]missed the target: {', '.join(misses)}")
+        return 1
     return 0
 
 
