@@ -352,7 +352,7 @@ class Fleet:
                     e
                     for e in movable
                     if (e.yielding and e.on_worker == 0)
-                    or (not e.busy and (self._turn_over(e, now) or self._idle_for(e, now)))
+                    or (not e.busy and (self._turn_over(e, now) or self._past_idle_grace(e, now)))
                 ]
                 if idle:
                     victim = min(idle, key=lambda e: e.admission.last_used)
@@ -392,7 +392,7 @@ class Fleet:
         return now - entry.loaded_at >= self.settings.model_turn
 
     @staticmethod
-    def _idle_for(entry: ModelEntry, now: float) -> bool:
+    def _past_idle_grace(entry: ModelEntry, now: float) -> bool:
         return now - entry.admission.last_used >= IDLE_GRACE_SECONDS
 
     @staticmethod
