@@ -38,6 +38,9 @@ class _Requests:
         self._threads.append(threading.Thread(target=self._plain, args=(url,)))
         for thread in self._threads:
             thread.start()
+        with httpx.Client(base_url=url, timeout=10) as http:  # all three running in the worker
+            while http.get("/stats").json()["models"]["tiny"]["requests"]["in_flight"] < 3:
+                time.sleep(0.01)
         while not all(self.streams):
             time.sleep(0.01)
 
