@@ -95,6 +95,12 @@ class ModelSpec(BaseModel):
     idle_ttl: float | None = Field(default=None, gt=0, description="unload after idle seconds")
     queue_limit: int = Field(default=32, ge=0, le=100_000, description="requests beyond slots")
     queue_timeout: float = Field(default=60.0, gt=0, description="seconds a request may wait")
+    stall_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="seconds a worker with requests may go without finishing a step before it "
+        "is killed as hung (its requests get 503 model_crashed)",
+    )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ import itertools
 import multiprocessing as mp
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -135,6 +136,8 @@ class EngineClient:
         self.host_cache = CacheUsage()
         self.alive = False
         self.accepting = True  # False once the server cut its requests at shutdown
+        self.stalled_for: float | None = None  # set when killed for making no progress
+        self._progress = time.monotonic()  # the last step, or when work came to an idle worker
         self._on_exit = on_exit
         self._streams: dict[str, RequestStream] = {}
         self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -170,6 +173,8 @@ class EngineClient:
             raise RequestCut("the server is shutting down")
         if not self.alive:
             raise WorkerGone("model worker is not running")
+        if not self._streams:
+            self._progress = time.monotonic()  # an idle worker's silence was not a stall
         stream = RequestStream(self, request)
         self._streams[request.request_id] = stream
         self._outbox.put(request)
@@ -185,6 +190,17 @@ class EngineClient:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
+
+    def stalled(self, timeout: float) -> float | None:
+        """Seconds without a step while it has requests, if more than `timeout`."""
+        silent = time.monotonic() - self._progress
+        return silent if self._streams and silent > timeout else None
+
+    def kill(self, stalled_for: float) -> None:
+        """End a hung worker; its requests fail as in a crash (the reader sees it exit)."""
+        self.stalled_for = stalled_for
+        if self._process is not None:
+            self._process.kill()
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the worker as the OS measures it (for /stats beside the estimate)."""
@@ -234,6 +250,7 @@ class EngineClient:
     # -- event loop side ---------------------------------------------------------------------
 
     def _dispatch(self, message: StepOutput) -> None:
+        self._progress = time.monotonic()
         self.running, self.waiting = message.running, message.waiting
         self.host_cache = message.host_cache
         for event in message.events:

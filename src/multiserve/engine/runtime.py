@@ -71,6 +71,31 @@ class Batch:
         ll.llama_batch_free(self._batch)
 
 
+def context_params(config: WorkerConfig) -> ll.llama_context_params:
+    """The llama.cpp context of a worker; the benchmarks' raw llama.cpp anchors use it too, so
+    they run exactly what the server runs."""
+    params = ll.llama_context_default_params()
+    params.n_ctx = config.n_ctx_per_seq * config.n_seq_max
+    params.n_batch = config.step_tokens
+    params.n_ubatch = config.step_tokens
+    params.n_seq_max = config.n_seq_max
+    params.n_threads = config.threads
+    params.n_threads_batch = config.threads
+    params.kv_unified = True
+    params.no_perf = True
+    params.type_k = _KV_TYPES[config.kv_cache_type]
+    params.type_v = _KV_TYPES[config.kv_cache_type]
+    # A sliding-window model keeps only the window's cells unless the cache is full size; a
+    # cached prefix can then be reused only up to where its window is still intact.
+    params.swa_full = config.swa_full
+    # llama.cpp stores a quantized V cache only with flash attention, so those imply it
+    use_flash = config.flash_attn or config.kv_cache_type != "f16"
+    params.flash_attn_type = (
+        ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if use_flash else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    return params
+
+
 class Runtime:
     """One loaded model and one context with `n_seq_max` sequences sharing a unified KV cache."""
 
@@ -87,26 +112,7 @@ class Runtime:
         self.vocab = ll.llama_model_get_vocab(model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
 
-        ctx_params = ll.llama_context_default_params()
-        ctx_params.n_ctx = config.n_ctx_per_seq * config.n_seq_max
-        ctx_params.n_batch = config.step_tokens
-        ctx_params.n_ubatch = config.step_tokens
-        ctx_params.n_seq_max = config.n_seq_max
-        ctx_params.n_threads = config.threads
-        ctx_params.n_threads_batch = config.threads
-        ctx_params.kv_unified = True
-        ctx_params.no_perf = True
-        ctx_params.type_k = _KV_TYPES[config.kv_cache_type]
-        ctx_params.type_v = _KV_TYPES[config.kv_cache_type]
-        # A sliding-window model keeps only the window's cells unless the cache is full size; a
-        # cached prefix can then be reused only up to where its window is still intact.
-        ctx_params.swa_full = config.swa_full
-        # llama.cpp stores a quantized V cache only with flash attention, so those imply it
-        use_flash = config.flash_attn or config.kv_cache_type != "f16"
-        ctx_params.flash_attn_type = (
-            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if use_flash else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        ctx = ll.llama_init_from_model(model, ctx_params)
+        ctx = ll.llama_init_from_model(model, context_params(config))
         if not ctx:
             ll.llama_model_free(model)
             raise LoadError("llama.cpp could not create a context (out of memory or bad shape)")

@@ -112,6 +112,8 @@ def _serve(conn: Connection, scheduler: Scheduler, lease: ComputeLease | None, p
                 if lease is not None:
                     lease.release()
         state = (scheduler.counts(), scheduler.host_cache_usage())
-        if events or state != reported:  # a cancel changes the counts without any event
+        # every step is reported, even a prompt chunk with no event: it is the API process's sign
+        # of progress (a hung worker is found by its silence); a cancel changes only the counts
+        if events or state != reported or scheduler.has_work():
             conn.send(StepOutput(events, *state[0], state[1]))
             reported = state

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 60.0
 SPARE_DELAY_SECONDS = 3.0
-TTL_CHECK_SECONDS = 1.0
+WATCH_SECONDS = 1.0
 IDLE_GRACE_SECONDS = 1.0  # a model idle for less, within its turn, is between a client's requests
 ROOM_POLL_SECONDS = 0.25  # a load waiting for room looks again this often (turns end in time)
 
@@ -122,7 +122,7 @@ class Fleet:
         self._memory_lock = asyncio.Lock()
         self._spare: WorkerProcess | None = None
         self._spare_timer: asyncio.TimerHandle | None = None
-        self._reaper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._change = asyncio.Event()  # set (and replaced) whenever a wait for room may end
         self.closing = False
 
@@ -160,7 +160,7 @@ class Fleet:
             except ModelTooLarge:
                 pass
         self._spare = self._new_worker()
-        self._reaper = asyncio.create_task(self._reap_idle())
+        self._watcher = asyncio.create_task(self._watch())
         for entry in self.entries.values():
             if entry.spec.preload and entry.state is not ModelState.FAILED:
                 try:
@@ -180,8 +180,8 @@ class Fleet:
 
     async def stop(self) -> None:
         """Stop every worker (server shutdown)."""
-        if self._reaper is not None:
-            self._reaper.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._spare_timer is not None:
             self._spare_timer.cancel()
         if self._spare is not None:
@@ -260,7 +260,7 @@ class Fleet:
                 estimate = await self._estimate(entry)
                 await self._make_room(entry, estimate.total)
                 entry.estimate, entry.state, entry.error = estimate, ModelState.LOADING, None
-            config = self._worker_config(spec, estimate.host_cache)
+            config = worker_config(spec, self.settings.threads_for(spec), estimate.host_cache)
             client = EngineClient(config, self._on_worker_exit)
             started = time.perf_counter()
             spare, self._spare = self._spare, None
@@ -427,11 +427,23 @@ class Fleet:
             await client.stop()
         self._changed()
 
-    async def _reap_idle(self) -> None:
+    async def _watch(self) -> None:
+        """Every second: kill hung workers, unload models idle past their TTL."""
         while True:
-            await asyncio.sleep(TTL_CHECK_SECONDS)
+            await asyncio.sleep(WATCH_SECONDS)
             now = time.monotonic()
             for entry in self.entries.values():
+                client = entry.client
+                if client is not None and client.alive:
+                    silent = client.stalled(entry.spec.stall_timeout)
+                    if silent is not None:
+                        log.error(
+                            "model %s: no step for %.0fs with %d requests: killing its worker",
+                            entry.spec.id,
+                            silent,
+                            client.in_flight,
+                        )
+                        client.kill(silent)
                 ttl = entry.spec.idle_ttl
                 if (
                     ttl is not None
@@ -443,27 +455,32 @@ class Fleet:
                     log.info("unloading %s after %.0fs idle", entry.spec.id, ttl)
                     await self._stop_worker(entry)
 
-    def _worker_config(self, spec: ModelSpec, host_cache_bytes: int) -> WorkerConfig:
-        return WorkerConfig(
-            model_id=spec.id,
-            path=spec.path,
-            n_ctx_per_seq=spec.n_ctx,
-            n_seq_max=spec.n_parallel,
-            step_tokens=spec.step_tokens,
-            threads=self.settings.threads_for(spec),
-            kv_cache_type=spec.kv_cache_type,
-            flash_attn=spec.flash_attn,
-            swa_full=spec.swa_full,
-            prefix_cache=spec.prefix_cache,
-            host_cache_bytes=host_cache_bytes,
-        )
-
     def _on_worker_exit(self, client: EngineClient) -> None:
         for entry in self.entries.values():
             if entry.client is client:  # not a stop we asked for: those clear entry.client first
                 entry.yielding = False
-                self._mark_failed(entry, "worker exited unexpectedly")
+                why = "worker exited unexpectedly"
+                if client.stalled_for is not None:
+                    why = f"worker hung (no step for {client.stalled_for:.0f}s) and was killed"
+                self._mark_failed(entry, why)
                 self._changed()
+
+
+def worker_config(spec: ModelSpec, threads: int, host_cache_bytes: int = 0) -> WorkerConfig:
+    """What a worker needs to run `spec` (the benchmarks' anchors build theirs here too)."""
+    return WorkerConfig(
+        model_id=spec.id,
+        path=spec.path,
+        n_ctx_per_seq=spec.n_ctx,
+        n_seq_max=spec.n_parallel,
+        step_tokens=spec.step_tokens,
+        threads=threads,
+        kv_cache_type=spec.kv_cache_type,
+        flash_attn=spec.flash_attn,
+        swa_full=spec.swa_full,
+        prefix_cache=spec.prefix_cache,
+        host_cache_bytes=host_cache_bytes,
+    )
 
 
 def _retrieve_exception(task: asyncio.Task) -> None:
