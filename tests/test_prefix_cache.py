@@ -28,6 +28,7 @@ from multiserve.engine.protocol import (
     Generate,
     Prefilled,
     SamplingParams,
+    TokenPrompt,
     WorkerConfig,
 )
 from multiserve.engine.runtime import Runtime
@@ -86,7 +87,7 @@ class Result:
 
 def _request(rid: str, prompt: list[int], max_tokens: int, cache: bool = True, n: int = 1):
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return Generate(rid, tuple(prompt), n, params, cache_prompt=cache)
+    return Generate(rid, TokenPrompt(tuple(prompt)), n, params, cache_prompt=cache)
 
 
 def _step(scheduler: Scheduler, results: dict[str, Result]) -> None:

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from multiserve.engine import _sampler
-from multiserve.engine.protocol import ChoiceDelta, Generate, SamplingParams, WorkerConfig
+from multiserve.engine.protocol import (
+    ChoiceDelta,
+    Generate,
+    SamplingParams,
+    TextPrompt,
+    WorkerConfig,
+)
 from multiserve.engine.runtime import Runtime
 from multiserve.engine.sampling import ChoiceSampler
 from multiserve.engine.scheduler import Scheduler
@@ -193,7 +199,7 @@ def _run(scheduler: Scheduler, requests: list[Generate]) -> dict[str, list[str]]
 
 def _sampled(request_id: str, prompt: str, seed: int | None) -> Generate:
     params = SamplingParams(temperature=1.0, seed=seed, max_tokens=40, ignore_eos=True)
-    return Generate(request_id, prompt, 1, params, cache_prompt=False)
+    return Generate(request_id, TextPrompt.completion(prompt), 1, params, cache_prompt=False)
 
 
 def test_a_seeded_request_samples_the_same_alone_and_among_seven_others(scheduler) -> None:

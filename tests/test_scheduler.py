@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from multiserve.engine.protocol import Accepted, ChoiceDelta, Generate, Rejected, SamplingParams
+from multiserve.engine.protocol import (
+    Accepted,
+    ChoiceDelta,
+    Generate,
+    Rejected,
+    SamplingParams,
+    TextPrompt,
+)
 from multiserve.engine.protocol import WorkerConfig as Config
 from multiserve.engine.runtime import Runtime
 from multiserve.engine.scheduler import Scheduler
@@ -28,7 +35,7 @@ def scheduler(tiny_model: Path):
 
 def _generate(request_id: str, prompt: str, max_tokens: int, n: int = 1) -> Generate:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return Generate(request_id, prompt, n, params)
+    return Generate(request_id, TextPrompt.completion(prompt), n, params)
 
 
 def test_long_prompt_is_chunked_and_running_streams_keep_getting_tokens(scheduler) -> None:
@@ -106,7 +113,7 @@ def test_greedy_with_a_no_op_bias_picks_the_same_tokens(scheduler) -> None:
     override copy, which must not change the answer."""
 
     def run(params: SamplingParams) -> list[int]:
-        scheduler.submit(Generate("g", "the dog", 1, params))
+        scheduler.submit(Generate("g", TextPrompt.completion("the dog"), 1, params))
         tokens: list[int] = []
         while scheduler.has_work():
             scheduler.step()

@@ -36,7 +36,7 @@ class Usage:
         }
 
 
-class ResponseFormat:
+class WireFormat:
     """What both endpoints share: ids, timestamps and the model name."""
 
     object_name = ""
@@ -82,7 +82,7 @@ class ResponseFormat:
         return body
 
 
-class ChatFormat(ResponseFormat):
+class ChatFormat(WireFormat):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
@@ -145,7 +145,7 @@ class ChatFormat(ResponseFormat):
         }
 
 
-class TextFormat(ResponseFormat):
+class TextFormat(WireFormat):
     object_name = "text_completion"
     chunk_object_name = "text_completion"
     id_prefix = "cmpl"

@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from multiserve.api.errors import APIError, error_body
-from multiserve.api.formats import ChoiceResult, ResponseFormat, Usage
+from multiserve.api.formats import ChoiceResult, Usage, WireFormat
 from multiserve.api.metrics import RequestTracker
 from multiserve.api.request_group import RequestGroup
 from multiserve.engine.client import EngineClient, RequestCut, WorkerGone
@@ -96,7 +96,7 @@ async def generate(
     http_request: Request,
     engine: EngineClient,
     requests: list[Generate],
-    fmt: ResponseFormat,
+    fmt: WireFormat,
     tracker: RequestTracker,
     ticket: Ticket,
     *,
@@ -159,7 +159,7 @@ async def _deltas(group: RequestGroup, tracker: RequestTracker) -> AsyncIterator
 
 
 async def _collect(
-    group: RequestGroup, fmt: ResponseFormat, tracker: RequestTracker, prompt_tokens: int
+    group: RequestGroup, fmt: WireFormat, tracker: RequestTracker, prompt_tokens: int
 ) -> dict:
     results = [ChoiceResult() for _ in range(group.n)]
     completion_tokens = 0
@@ -181,7 +181,7 @@ async def _collect(
 
 async def _stream(
     group: RequestGroup,
-    fmt: ResponseFormat,
+    fmt: WireFormat,
     tracker: RequestTracker,
     ticket: Ticket,
     prompt_tokens: int,

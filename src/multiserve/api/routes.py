@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from multiserve.api.errors import APIError, model_not_found
-from multiserve.api.formats import ChatFormat, ResponseFormat, TextFormat
+from multiserve.api.formats import ChatFormat, TextFormat, WireFormat
 from multiserve.api.generation import (
     CLIENT_CLOSED_REQUEST,
     ClientDisconnected,
@@ -27,7 +27,7 @@ from multiserve.api.schemas import ChatCompletionRequest, CompletionRequest, Sam
 from multiserve.api.security import API_KEY_SCOPE
 from multiserve.config import Settings
 from multiserve.engine.client import EngineClient, RequestCut
-from multiserve.engine.protocol import Generate, SamplingParams
+from multiserve.engine.protocol import Generate, SamplingParams, TextPrompt, TokenPrompt
 from multiserve.fleet.admission import Overloaded, Ticket
 from multiserve.fleet.manager import (
     Fleet,
@@ -198,7 +198,6 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
                 n=body.n,
                 params=params,
                 add_bos=add_bos,
-                parse_special=True,
                 queue_deadline=deadline,
                 cache_prompt=body.cache_prompt,
             )
@@ -232,7 +231,7 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
     "/v1/chat/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503)
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    def build(entry: ModelEntry, engine: EngineClient) -> tuple[list, bool, ResponseFormat]:
+    def build(entry: ModelEntry, engine: EngineClient) -> tuple[list, bool, WireFormat]:
         info = engine.info
         template = resolve_template(
             info.chat_template,
@@ -252,16 +251,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             first and first.special and info.bos_token and first.text.startswith(info.bos_token)
         )
         fmt = ChatFormat(body.model, want_logprobs=body.logprobs)
-        return [tuple(segments)], not starts_with_bos, fmt
+        return [TextPrompt(tuple(segments))], not starts_with_bos, fmt
 
     return await _complete(request, body, 1, build)
 
 
 @router.post("/v1/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503))
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    prompts = body.prompts
+    prompts = [
+        TextPrompt.completion(p) if isinstance(p, str) else TokenPrompt(p) for p in body.prompts
+    ]
 
-    def build(entry: ModelEntry, engine: EngineClient) -> tuple[list, bool, ResponseFormat]:
+    def build(entry: ModelEntry, engine: EngineClient) -> tuple[list, bool, WireFormat]:
         return prompts, True, TextFormat(body.model, want_logprobs=body.logprobs is not None)
 
     return await _complete(request, body, len(prompts), build)

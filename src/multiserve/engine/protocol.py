@@ -68,6 +68,25 @@ class PromptSegment:
 
 
 @dataclass(frozen=True)
+class TextPrompt:
+    """A prompt to tokenize, segment by segment."""
+
+    segments: tuple[PromptSegment, ...]
+
+    @classmethod
+    def completion(cls, text: str) -> TextPrompt:
+        """A /v1/completions prompt: control tokens spelled in it count, as llama.cpp reads it."""
+        return cls((PromptSegment(text, special=True),))
+
+
+@dataclass(frozen=True)
+class TokenPrompt:
+    """A prompt given as token ids."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Load:
     """First message to a (possibly pre-started) worker: which model to load."""
 
@@ -77,11 +96,10 @@ class Load:
 @dataclass(frozen=True)
 class Generate:
     request_id: str
-    prompt: str | tuple[int, ...] | tuple[PromptSegment, ...]
+    prompt: TextPrompt | TokenPrompt
     n: int
     params: SamplingParams
     add_bos: bool = True  # False when a chat template already wrote the BOS token
-    parse_special: bool = True  # for a str prompt: recognise control tokens spelled in it
     queue_deadline: float | None = None  # time.monotonic() after which it may not start
     cache_prompt: bool = True  # False: neither reuse cached cells nor leave any behind
 
@@ -98,18 +116,13 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Model facts the API process needs (templates, limits) without loading llama.cpp itself."""
+    """What the API process needs to render chat prompts, without loading llama.cpp itself."""
 
     architecture: str
     name: str
     chat_template: str | None
     bos_token: str
     eos_token: str
-    n_vocab: int
-    n_ctx_per_seq: int
-    n_seq_max: int
-    n_ctx_train: int
-    size_bytes: int
 
 
 @dataclass(frozen=True)

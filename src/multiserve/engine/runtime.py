@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from dataclasses import dataclass
 
 import llama_cpp as ll
 import numpy as np
@@ -27,14 +26,6 @@ class LoadError(RuntimeError):
 def _log_errors_only(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     if level == _GGML_LOG_LEVEL_ERROR:
         sys.stderr.write(text.decode("utf-8", errors="replace"))
-
-
-@dataclass
-class BatchEntry:
-    token: int
-    pos: int
-    seq: int
-    logits: bool
 
 
 class Batch:
@@ -144,11 +135,6 @@ class Runtime:
             chat_template=template.decode("utf-8", errors="replace") if template else None,
             bos_token=self.token_text(ll.llama_vocab_bos(self.vocab)),
             eos_token=self.token_text(ll.llama_vocab_eos(self.vocab)),
-            n_vocab=self.n_vocab,
-            n_ctx_per_seq=self.config.n_ctx_per_seq,
-            n_seq_max=self.config.n_seq_max,
-            n_ctx_train=ll.llama_model_n_ctx_train(self.model),
-            size_bytes=ll.llama_model_size(self.model),
         )
 
     def token_text(self, token: int) -> str:

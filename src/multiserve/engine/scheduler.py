@@ -30,8 +30,8 @@ from multiserve.engine.protocol import (
     FinishReason,
     Generate,
     Prefilled,
-    PromptSegment,
     Rejected,
+    TextPrompt,
     TokenLogprob,
 )
 from multiserve.engine.runtime import Batch, Runtime
@@ -415,15 +415,13 @@ class Scheduler:
     def _make_job(self, request: Generate) -> Job:
         params = request.params
         runtime = self.runtime
-        if isinstance(request.prompt, str):
-            prompt = runtime.tokenize(request.prompt, request.add_bos, request.parse_special)
-        elif request.prompt and isinstance(request.prompt[0], PromptSegment):
+        if isinstance(request.prompt, TextPrompt):
             prompt = []
-            for i, segment in enumerate(request.prompt):
+            for i, segment in enumerate(request.prompt.segments):
                 add_bos = request.add_bos and i == 0
                 prompt += runtime.tokenize(segment.text, add_bos, segment.special)
         else:
-            prompt = list(request.prompt)
+            prompt = list(request.prompt.ids)
             bad = next((t for t in prompt if not 0 <= t < runtime.n_vocab), None)
             if bad is not None:
                 raise _Refusal(

@@ -47,7 +47,6 @@ class Admission:
     def __init__(
         self, slots: int, queue_limit: int, on_leave: Callable[[], None] = lambda: None
     ) -> None:
-        self.slots = slots
         self.capacity = slots + queue_limit
         self.in_system = 0
         self._mean_hold = 1.0  # seconds; smoothed over recent requests

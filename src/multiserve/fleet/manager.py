@@ -83,7 +83,7 @@ class ModelEntry:
     estimate: MemoryEstimate | None = None
     estimated_for: tuple[int, int] | None = None  # (size, mtime) of the file estimated
     loading: asyncio.Task[EngineClient] | None = None
-    draining: bool = False
+    unloading: bool = False  # unload with ?wait=true: new requests refused, in-flight finish
     yielding: bool = False  # giving its memory to a waiting model: takes no new requests
     too_large: bool = False  # needs more than the whole memory budget
     waiters: int = 0  # callers waiting for this model's worker (a load, or its turn again)
@@ -193,7 +193,7 @@ class Fleet:
 
     def admit(self, entry: ModelEntry, places: int = 1) -> Ticket:
         """Reserve places for a request's prompts (raises Overloaded when the queue is full)."""
-        if entry.draining:
+        if entry.unloading:
             raise ModelUnavailable(f"model `{entry.spec.id}` is being unloaded", retry_after=5)
         return entry.admission.enter(places)
 
@@ -412,13 +412,13 @@ class Fleet:
             raise ModelBusy(
                 f"model `{entry.spec.id}` has {entry.admission.in_system} requests in flight"
             )
-        entry.draining = True
+        entry.unloading = True
         try:
             while entry.busy:
                 await asyncio.sleep(0.05)
             await self._stop_worker(entry)
         finally:
-            entry.draining = False
+            entry.unloading = False
 
     async def _stop_worker(self, entry: ModelEntry) -> None:
         client = entry.client
