@@ -286,7 +286,8 @@ def _counting_prompt(runtime: Runtime, sentences: int, seed: int) -> list[int]:
     )
     start = rng.randrange(100, 900)
     count = ", ".join(str(start + i) for i in range(30))
-    return runtime.tokenize(f"{passage}\nNow we count: {count},", add_bos=True, parse_special=False)
+    text = f"{passage}\nNow we count: {count},"
+    return runtime.tokenize(text, add_bos=True, parse_special=False).tolist()
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,10 @@ def context_params(config: WorkerConfig) -> ll.llama_context_params:
     return params
 
 
+def _int32_ptr(array: np.ndarray) -> ctypes.Array:
+    return array.ctypes.data_as(ctypes.POINTER(ll.llama_token))
+
+
 class Runtime:
     """One loaded model and one context with `n_seq_max` sequences sharing a unified KV cache."""
 
@@ -147,18 +151,22 @@ class Runtime:
 
     # -- tokens ------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_bos: bool, parse_special: bool) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool, parse_special: bool) -> np.ndarray:
+        """Token ids (int32). No Python object per token: a huge prompt is tokenized on the
+        worker's reader thread, and per-token Python work would hold the GIL the decode loop
+        needs."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
-        tokens = (ll.llama_token * capacity)()
-        n = ll.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_bos, parse_special)
+        tokens = np.empty(capacity, np.int32)
+        n = ll.llama_tokenize(
+            self.vocab, data, len(data), _int32_ptr(tokens), capacity, add_bos, parse_special
+        )
         if n < 0:  # buffer too small: -n is the size needed
-            capacity = -n
-            tokens = (ll.llama_token * capacity)()
+            tokens = np.empty(-n, np.int32)
             n = ll.llama_tokenize(
-                self.vocab, data, len(data), tokens, capacity, add_bos, parse_special
+                self.vocab, data, len(data), _int32_ptr(tokens), -n, add_bos, parse_special
             )
-        return list(tokens[:n])
+        return tokens[:n]
 
     def piece(self, token: int) -> bytes:
         """Bytes a generated token stands for (control tokens render as nothing)."""

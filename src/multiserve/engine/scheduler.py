@@ -118,18 +118,29 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, request: Generate) -> Rejected | None:
-        """Tokenize, check and queue a request; a Rejected says why not (bad input never raises).
+    def prepare(self, request: Generate) -> Job | Rejected:
+        """Tokenize and check a request, or say why not (bad input never raises).
 
-        `Accepted` follows from a later step, when the request gets its slots.
+        Reads only the vocabulary and the model's limits, so it may run on another thread
+        while steps run: the worker prepares requests as they arrive, off the decode loop.
         """
         try:
-            job = self._make_job(request)
+            return self._make_job(request)
         except SamplingError as exc:
             return Rejected(request.request_id, str(exc), exc.param, code="unsupported_schema")
         except _Refusal as exc:
             return Rejected(request.request_id, exc.message, exc.param, code=exc.code)
+
+    def enqueue(self, job: Job) -> None:
+        """Queue a prepared request; `Accepted` follows from a later step, when it gets slots."""
         self.waiting.append(job)
+
+    def submit(self, request: Generate) -> Rejected | None:
+        """Prepare and queue a request at once (on the decode thread)."""
+        prepared = self.prepare(request)
+        if isinstance(prepared, Rejected):
+            return prepared
+        self.enqueue(prepared)
         return None
 
     def cancel(self, request_id: str) -> None:
@@ -416,20 +427,23 @@ class Scheduler:
         params = request.params
         runtime = self.runtime
         if isinstance(request.prompt, TextPrompt):
-            prompt = []
-            for i, segment in enumerate(request.prompt.segments):
-                add_bos = request.add_bos and i == 0
-                prompt += runtime.tokenize(segment.text, add_bos, segment.special)
+            segments = request.prompt.segments
+            parts = [
+                runtime.tokenize(segment.text, request.add_bos and i == 0, segment.special)
+                for i, segment in enumerate(segments)
+            ]
+            prompt = np.concatenate(parts) if parts else np.empty(0, np.int32)
         else:
-            prompt = list(request.prompt.ids)
-            bad = next((t for t in prompt if not 0 <= t < runtime.n_vocab), None)
-            if bad is not None:
+            prompt = np.asarray(request.prompt.ids, np.int64)
+            outside = (prompt < 0) | (prompt >= runtime.n_vocab)
+            if outside.any():
+                bad = int(prompt[outside.argmax()])
                 raise _Refusal(
                     f"token id {bad} is outside the vocabulary (0..{runtime.n_vocab - 1})",
                     "prompt",
                     "token_out_of_vocabulary",
                 )
-        if not prompt:
+        if len(prompt) == 0:
             raise _Refusal("the prompt is empty after tokenization", "prompt", "empty_prompt")
         bad_bias = next((t for t, _ in params.logit_bias if t >= runtime.n_vocab), None)
         if bad_bias is not None:

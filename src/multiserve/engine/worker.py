@@ -1,16 +1,22 @@
-"""Worker process main: wait for a model, load it, then loop: read commands, run one step, reply.
+"""Worker process main: wait for a model, load it, then loop: take commands, run one step, reply.
 
 Runs in a spawned process so a crash inside llama.cpp (segfault, OOM kill, corrupt file) takes
 down only this model. A worker starts blank and imports llama.cpp before it is told which model
 to load, so a pre-started spare makes a cold model's first token come sooner.
+
+A reader thread receives the API process's commands and prepares each request (tokenizing,
+checking, compiling its grammar) while the main thread decodes: llama.cpp releases the GIL in
+both, so a 4 MiB prompt or a large JSON schema does not stall the streams already running.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import signal
 import sys
+import threading
 import traceback
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
@@ -30,7 +36,7 @@ from multiserve.engine.protocol import (
 
 if TYPE_CHECKING:
     from multiserve.engine.lease import ComputeLease
-    from multiserve.engine.scheduler import Scheduler
+    from multiserve.engine.scheduler import Job, Scheduler
 
 IDLE_POLL_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
@@ -42,13 +48,33 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _submit(scheduler: Scheduler, request: Generate) -> Rejected | None:
-    """Queue a request; an unexpected error preparing it fails that request, not the worker."""
+def _prepare(scheduler: Scheduler, request: Generate) -> Job | Rejected:
+    """A request made ready to queue; an unexpected error fails that request, not the worker."""
     try:
-        return scheduler.submit(request)
+        return scheduler.prepare(request)
     except Exception:  # isolation boundary: log it and refuse only this request
         traceback.print_exc()
         return Rejected(request.request_id, "the request could not be prepared for this model")
+
+
+_GONE = object()  # the pipe closed: the API process is gone
+
+
+def _read_commands(conn: Connection, scheduler: Scheduler, inbox: queue.SimpleQueue) -> None:
+    """Reader thread: commands in arrival order, requests already prepared.
+
+    At the lowest priority: on a machine whose cores all decode, a preparing thread that ran
+    at the decode threads' priority would stall llama.cpp's threads at their every barrier.
+    """
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: per thread
+    try:
+        while True:
+            message = conn.recv()
+            inbox.put(_prepare(scheduler, message) if isinstance(message, Generate) else message)
+            if isinstance(message, Shutdown):
+                return
+    except (EOFError, OSError):
+        inbox.put(_GONE)
 
 
 def _wait_for_load(conn: Connection, parent: int) -> Load | None:
@@ -87,22 +113,31 @@ def run_worker(conn: Connection, lease: ComputeLease | None, nice: int) -> None:
 
 
 def _serve(conn: Connection, scheduler: Scheduler, lease: ComputeLease | None, parent: int):
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    reader = threading.Thread(target=_read_commands, args=(conn, scheduler, inbox), daemon=True)
+    reader.start()
     reported: tuple[tuple[int, int], CacheUsage] = ((0, 0), CacheUsage())
     while True:
-        if not scheduler.has_work() and not conn.poll(IDLE_POLL_SECONDS):
-            if os.getppid() != parent:
-                return
-            continue
+        messages = []
+        if not scheduler.has_work():
+            try:
+                messages.append(inbox.get(timeout=IDLE_POLL_SECONDS))
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return
+                continue
+        while not inbox.empty():
+            messages.append(inbox.get())
         events: list[Event] = []
-        while conn.poll():
-            message = conn.recv()
-            if isinstance(message, Generate):
-                if (refused := _submit(scheduler, message)) is not None:
-                    events.append(refused)
+        for message in messages:
+            if isinstance(message, Rejected):
+                events.append(message)
             elif isinstance(message, Cancel):
                 scheduler.cancel(message.request_id)
-            elif isinstance(message, Shutdown):
+            elif isinstance(message, Shutdown) or message is _GONE:
                 return
+            else:
+                scheduler.enqueue(message)
         if scheduler.has_work():
             if lease is not None:
                 lease.acquire()
