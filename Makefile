@@ -11,10 +11,12 @@ test: install
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/python -m pytest
 
+# Every benchmark runs, then the target fails if any of them missed a target (exit status 1).
+BENCHMARKS = serving_core fleet peers soak real_traffic
+
 bench:
 	@MULTISERVE_EXTRAS=test,bench bash scripts/install.sh
-	.venv/bin/python benchmarks/serving_core.py
-	.venv/bin/python benchmarks/fleet.py
-	.venv/bin/python benchmarks/peers.py
-	.venv/bin/python benchmarks/soak.py
-	.venv/bin/python benchmarks/real_traffic.py
+	@failed=""; for b in $(BENCHMARKS); do \
+	  .venv/bin/python benchmarks/$$b.py || failed="$$failed $$b"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "missed a target:$$failed"; exit 1; fi

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
-from serving_core import log_tail, port_in_use, running_server
+from serving_core import add_no_fail, exit_status, log_tail, port_in_use, running_server
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 180.0
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", type=int, default=4096, help="context per sequence")
     parser.add_argument("--port", type=int, default=8095)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    add_no_fail(parser)
     args = parser.parse_args(argv)
     if port_in_use(args.port):
         print(f"port {args.port} is in use; pick another --port", file=sys.stderr)
@@ -218,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         check=True,
     )
-    return 0
+    missed = ["output tok/s"] if throughput < TARGET_THROUGHPUT else []
+    missed += ["p99 TTFT"] if p99_ttft > TARGET_P99_TTFT else []
+    return exit_status(missed, args.no_fail)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from rich.console import Console
 from rich.table import Table
 
 from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
-from serving_core import log_tail, port_in_use, running_server
+from serving_core import add_no_fail, exit_status, log_tail, port_in_use, running_server
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -463,6 +463,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--servers", default="multiserve,llama-server", help="multiserve and/or llama-server"
     )
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    add_no_fail(parser)
     args = parser.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
     args.servers = [s for s in args.servers.split(",") if s]
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     console.print(f"results: {out}")
-    return 0 if all(c.ok for c in verdicts) else 1
+    return exit_status([c.label for c in verdicts if not c.ok], args.no_fail)
 
 
 if __name__ == "__main__":

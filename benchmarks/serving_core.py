@@ -1,7 +1,7 @@
 """Serving-core benchmark: the multiserve server against raw llama.cpp on the same GGUF and cores.
 
     .venv/bin/python benchmarks/serving_core.py [--threads 2] [--tokens 128] [--concurrency 8]
-                                                [--port 8093] [--out results.json]
+                                                [--port 8093] [--out results.json] [--no-fail]
 
 Why it is built this way:
 
@@ -16,8 +16,12 @@ Why it is built this way:
 * Every measurement (anchor and server) is repeated three times and the median is reported.
 * Noise is measured, not only suffered: the CPU time that neither this benchmark nor its
   children used (other processes, hypervisor steal) is printed per phase, and PASS/MISS get a
-  "?" when it exceeds 5%. "raw N / raw 1" is printed as the ceiling any server can reach for
-  "server N / server 1" on this machine and model.
+  "?" when it exceeds 5%.
+* Targets: the server's single stream and its N concurrent streams each reach 95% of raw
+  llama.cpp doing the same work (1 sequence; a batch of N). "server N / server 1" is printed
+  without a target: the server's single stream can beat raw llama.cpp's (it enables flash
+  attention), which would make a fixed scaling target miss for a good reason. The exit status
+  is 1 when a target is missed (`--no-fail` for exploration).
 
 Server numbers come from streamed `/v1/completions` with `ignore_eos` and greedy sampling, so
 every request produces exactly `--tokens` tokens. Single-stream decode speed is timed from the
@@ -60,6 +64,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from multiserve.config import ModelSpec
+from multiserve.fleet.manager import worker_config
 from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
 
 HOST = "127.0.0.1"
@@ -68,10 +74,12 @@ WARMUP_REQUESTS = 2
 WARMUP_TOKENS = 32
 HEALTH_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 600.0
-ANCHOR_N_BATCH = 512
+ANCHOR_N_BATCH = 512  # capacity of the anchors' llama_batch arrays
+SERVER_CTX = 4096  # the server's shape, which the anchor's context copies exactly
+SERVER_SLOTS = 8
 NOISE_WARN_PERCENT = 5.0
 TARGET_SINGLE_VS_RAW = 0.95
-TARGET_CONCURRENT_VS_SINGLE = 2.8
+TARGET_CONCURRENT_VS_RAW = 0.95  # the server's 8 streams against raw llama.cpp's batch of 8
 _TOPICS = (
     "a lighthouse keeper",
     "a clockmaker's apprentice",
@@ -189,21 +197,13 @@ def run_anchor(model_path: str, threads: int, tokens: int, n_seq: int) -> dict[s
     vocab = ll.llama_model_get_vocab(model)
     n_vocab = ll.llama_vocab_n_tokens(vocab)
     prompts = [_tokenize(ll, vocab, prompt_text(10_000 + i)) for i in range(n_seq)]
-    per_seq = max(len(p) for p in prompts) + tokens + 16
 
-    # Same shape as the server's worker (runtime.py with ModelSpec defaults): unified f16 KV,
-    # flash attention off; only n_ctx is smaller, which does not change decode cost.
-    params = ll.llama_context_default_params()
-    params.n_ctx = -(-per_seq * n_seq // 256) * 256
-    params.n_batch = ANCHOR_N_BATCH
-    params.n_ubatch = ANCHOR_N_BATCH
-    params.n_seq_max = n_seq
-    params.n_threads = threads
-    params.n_threads_batch = threads
-    params.kv_unified = True
-    params.no_perf = True
-    params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = ll.llama_init_from_model(model, params)
+    # The very context the server's worker creates for the embedded model as `serve` runs it
+    # (same code, same defaults), not a copy of its settings.
+    from multiserve.engine.runtime import context_params  # imports llama.cpp: anchor side only
+
+    spec = ModelSpec(id="anchor", path=Path(model_path), n_ctx=SERVER_CTX, n_parallel=SERVER_SLOTS)
+    ctx = ll.llama_init_from_model(model, context_params(worker_config(spec, threads)))
     if not ctx:
         ll.llama_model_free(model)
         raise RuntimeError("llama.cpp could not create a context")
@@ -224,7 +224,7 @@ def run_anchor(model_path: str, threads: int, tokens: int, n_seq: int) -> dict[s
         "single_tok_s": single,
         "batched_tok_s": batched,
         "prompt_tokens": [len(p) for p in prompts],
-        "n_ctx": int(params.n_ctx),
+        "n_ctx": SERVER_CTX * SERVER_SLOTS,
     }
 
 
@@ -238,7 +238,24 @@ def measure_anchor(model: Path, threads: int, tokens: int, n_seq: int) -> dict[s
 
 def server_command(port: int, threads: int) -> list[str]:
     serve = ["serve", "--host", HOST, "--port", str(port), "--threads", str(threads)]
+    serve += ["--ctx", str(SERVER_CTX), "--parallel", str(SERVER_SLOTS)]
     return [sys.executable, "-m", "multiserve", *serve]
+
+
+def add_no_fail(parser: argparse.ArgumentParser) -> None:
+    """Every benchmark exits 1 on a missed target, so `make bench` fails; this is for exploring."""
+    parser.add_argument(
+        "--no-fail", action="store_true", help="exit 0 even when a target is missed"
+    )
+
+
+def exit_status(missed: Sequence[str], no_fail: bool) -> int:
+    """1 when a target was missed (said on the console), unless --no-fail."""
+    if not missed:
+        return 0
+    note = " (--no-fail: exit status 0)" if no_fail else ""
+    console.print(f"[red]missed the target: {', '.join(missed)}{note}")
+    return 0 if no_fail else 1
 
 
 def port_in_use(port: int) -> bool:
@@ -548,8 +565,8 @@ def render_table(
     table.add_section()
     ratios = [
         ("server 1 / raw 1", s.server_single_vs_raw, TARGET_SINGLE_VS_RAW),
-        (f"server {n} / server 1", s.server_concurrent_vs_single, TARGET_CONCURRENT_VS_SINGLE),
-        (f"server {n} / raw {n}", s.server_concurrent_vs_raw_batched, None),
+        (f"server {n} / server 1", s.server_concurrent_vs_single, None),
+        (f"server {n} / raw {n}", s.server_concurrent_vs_raw_batched, TARGET_CONCURRENT_VS_RAW),
         (f"raw {n} / raw 1 (reference)", s.raw_batched_vs_single, None),
     ]
     for label, value, target in ratios:
@@ -572,6 +589,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--port", type=int, default=8093, help="server port on 127.0.0.1 (8093)")
     parser.add_argument("--out", type=Path, help="write every number as JSON here")
+    add_no_fail(parser)
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.threads < 1 or not 1 <= args.concurrency <= 8:
         parser.error("need --tokens >= 2, --threads >= 1 and 1 <= --concurrency <= 8")
@@ -658,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": asdict(summary),
         "targets": {
             "server_single_vs_raw": TARGET_SINGLE_VS_RAW,
-            "server_concurrent_vs_single": TARGET_CONCURRENT_VS_SINGLE,
+            "server_concurrent_vs_raw_batched": TARGET_CONCURRENT_VS_RAW,
         },
         "anchor": anchor,
         "server": server,
@@ -668,7 +686,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         out.print(f"wrote {args.out}")
-    return 0
+    missed = [
+        name
+        for name, value, target in (
+            ("server 1 / raw 1", summary.server_single_vs_raw, TARGET_SINGLE_VS_RAW),
+            (
+                "server 8 / raw 8",
+                summary.server_concurrent_vs_raw_batched,
+                TARGET_CONCURRENT_VS_RAW,
+            ),
+        )
+        if value < target
+    ]
+    return exit_status(missed, args.no_fail)
 
 
 if __name__ == "__main__":

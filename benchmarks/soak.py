@@ -58,7 +58,7 @@ from fleet import (  # benchmarks/ is sys.path[0] when this file runs as a scrip
     send,
     wait_ready,
 )
-from serving_core import HOST, console, machine_info, prompt_text
+from serving_core import HOST, add_no_fail, console, exit_status, machine_info, prompt_text
 
 KEY = "soak-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -534,6 +534,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--port", type=int, default=8095)
     parser.add_argument("--out", type=Path, help="write the full result as JSON")
+    add_no_fail(parser)
     return parser.parse_args(argv)
 
 
@@ -554,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red]{failure}[/red]")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    return exit_status([name for name, ok, _ in checks if not ok], args.no_fail)
 
 
 if __name__ == "__main__":
