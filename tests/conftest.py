@@ -3,21 +3,54 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import is_hypothesis_test, settings
 from openai import OpenAI
 
 from tiny_gguf import write_tiny_model
 
 SERVER_START_TIMEOUT = 60.0
+
+# Hypothesis, and schemathesis on top of it: a failure prints the @reproduce_failure blob that
+# replays it, and failing examples are kept in .hypothesis/ (out of git) to be tried first next
+# run. Under CI, Hypothesis's own "ci" profile is the parent: derandomized, no database.
+settings.register_profile("multiserve", print_blob=True)
+settings.load_profile("multiserve")
+
+# One seed for all fuzz tests of a run (tests/test_fuzz_requests.py, tests/test_openapi_fuzz.py),
+# shown in the header and beside each failure: MULTISERVE_FUZZ_SEED=<it> draws the same cases
+# again. A derandomized profile gets a fixed one.
+FUZZ_SEED = int(
+    os.environ.get("MULTISERVE_FUZZ_SEED")
+    or (0 if settings.default.derandomize else random.SystemRandom().randrange(2**32))
+)
+FUZZ_RERUN = f"MULTISERVE_FUZZ_SEED={FUZZ_SEED} draws this run's fuzz cases again"
+
+
+def pytest_report_header() -> str:
+    return f"fuzz seed: {FUZZ_SEED} ({FUZZ_RERUN})"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed fuzz test says which seed reproduces it."""
+    report = yield
+    if report.failed and is_hypothesis_test(getattr(item, "obj", None)):
+        report.sections.append(("fuzz seed", FUZZ_RERUN))
+    return report
 
 
 def free_port() -> int:

@@ -7,10 +7,14 @@ on one token, or a JSON-schema grammar that admits a single string.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
+import numpy as np
+import pytest
+from llama_cpp import Llama
 
-from tiny_gguf import TOKEN_TO_ID
+from tiny_gguf import BOS_ID, TOKEN_TO_ID
 
 HELLO = TOKEN_TO_ID["\u2581hello"]  # token " hello"
 FORCED = "héllo € wörld 東京 STOP tail"
@@ -249,6 +253,66 @@ def test_completion_logprobs_follow_greedy_choice(server) -> None:
     assert "".join(logprobs.tokens) == reply.choices[0].text
     for token, top in zip(logprobs.tokens, logprobs.top_logprobs, strict=True):
         assert list(top) == [token]  # greedy picks the likeliest token
+
+
+def _reference_logprobs(
+    model: Path, tokens: list[int], outputs: int, top: int
+) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """log_softmax of the raw logits after each of the last `outputs` positions of `tokens`, and
+    at each the `top` likeliest tokens' text and logprob, in order, as the completions API shows.
+
+    Computed by llama-cpp-python's own Llama on the same GGUF, one sequence in one context:
+    none of multiserve's batching, slots, sampling or logprob code is involved.
+    """
+    llm = Llama(str(model), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    try:
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[len(tokens) - outputs : len(tokens)], np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        logprobs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        likeliest = [
+            {
+                llm.detokenize([int(t)]).decode("utf-8", errors="replace"): float(row[t])
+                for t in np.argsort(-row)[:top]
+            }
+            for row in logprobs
+        ]
+    finally:
+        llm.close()
+    return logprobs, likeliest
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_logprobs_are_the_models_raw_log_softmax(server, tiny_model: Path, temperature: float):
+    """Logprobs report the model's distribution: the raw logits, before logit_bias and temperature.
+
+    A +100 bias forces every token to " hello" although the model finds it unlikely: its reported
+    logprob is the model's low one (near 0 would mean after the bias), the same at any
+    temperature, and each step's top alternatives are the model's own likeliest tokens.
+    """
+    prompt = [BOS_ID, TOKEN_TO_ID["\u2581the"], TOKEN_TO_ID["\u2581cat"]]
+    steps, top = 4, 5
+    reply = server.openai.completions.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=steps,
+        temperature=temperature,
+        seed=1,
+        logprobs=top,
+        logit_bias={str(HELLO): 100},
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.tokens == [" hello"] * steps
+    # the logits after the prompt's last token, then after each generated token but the last
+    reference, likeliest = _reference_logprobs(
+        tiny_model, prompt + [HELLO] * (steps - 1), steps, top
+    )
+    # llama.cpp's kernels differ (flash attention, batch shapes) by about 1e-3 here
+    assert logprobs.token_logprobs == pytest.approx(reference[:, HELLO].tolist(), abs=0.01)
+    assert max(logprobs.token_logprobs) < -1  # the bias is not in them
+    for reported, expected in zip(logprobs.top_logprobs, likeliest, strict=True):
+        assert list(reported) == list(expected)  # the same tokens, in the same order
+        assert reported == pytest.approx(expected, abs=0.01)
 
 
 def test_token_id_prompt(server) -> None:

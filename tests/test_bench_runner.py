@@ -8,7 +8,7 @@ import functools
 import itertools
 import json
 import statistics
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -23,6 +23,7 @@ from multiserve.bench.runner import (
     BenchRunner,
     ConfigError,
     LoadPoint,
+    PrecheckResult,
     RunConfig,
     arrival_times,
     precheck,
@@ -175,32 +176,47 @@ def test_arrivals_follow_vllm_gamma_process() -> None:
     assert statistics.stdev(bursty_gaps) / statistics.mean(bursty_gaps) > 1.6  # CV 1/sqrt(0.25)
 
 
+Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
+
+
+def stub_server(health: int, waiting: int | None, load: StreamingStub | None = None) -> Handler:
+    """/health and /stats answered as given; any other request goes to `load` (404 without)."""
+
+    def handler(request: httpx.Request) -> httpx.Response | Awaitable[httpx.Response]:
+        assert request.url.host == "stub.test"  # only the given URL
+        if request.url.path == "/health":
+            return httpx.Response(health, json={"status": "ok"})
+        if request.url.path == "/stats" and waiting is not None:
+            return httpx.Response(200, json={"models": {"m": {"requests": {"waiting": waiting}}}})
+        return load(request) if load is not None else httpx.Response(404)
+
+    return handler
+
+
 def test_precheck() -> None:
-    def server(health: int, waiting: int | None):
-        def handler(request: httpx.Request) -> httpx.Response:
-            assert request.url.host == "stub.test"  # only the given URL
-            if request.url.path == "/health":
-                return httpx.Response(health, json={"status": "ok"})
-            if request.url.path == "/stats" and waiting is not None:
-                return httpx.Response(
-                    200, json={"models": {"m": {"requests": {"waiting": waiting}}}}
-                )
-            return httpx.Response(404)
+    def check(health: int, waiting: int | None) -> PrecheckResult:
+        transport = httpx.MockTransport(stub_server(health, waiting))
+        return asyncio.run(precheck(ClientOptions(url="http://stub.test/v1", model="m"), transport))
 
-        return httpx.MockTransport(handler)
-
-    options = ClientOptions(url="http://stub.test/v1", model="m")
-    down = asyncio.run(precheck(options, server(503, None)))
+    down = check(503, None)
     assert not down.ok and "503" in down.message
-    busy = asyncio.run(precheck(options, server(200, 12)))
+    busy = check(200, 12)
     assert not busy.ok and busy.waiting == 12 and "12 requests waiting" in busy.message
-    assert asyncio.run(precheck(options, server(200, 0))).ok
-    assert asyncio.run(precheck(options, server(200, None))).ok  # not multiserve: no /stats
+    assert check(200, 0).ok
+    assert check(200, None).ok  # not multiserve: no /stats
 
+
+@pytest.mark.parametrize(
+    ("health", "waiting", "sent"),
+    [(503, None, 0), (200, 12, 0), (200, 0, 3)],
+    ids=["down", "busy", "healthy"],
+)
+def test_failed_precheck_sends_no_load(health: int, waiting: int | None, sent: int) -> None:
     stub = StreamingStub()
-    result = run(config(LoadPoint(1, None), precheck=True), server(503, None).handler)
-    assert result.stopped_early.startswith("precheck:")
-    assert stub.calls == 0
+    cfg = config(LoadPoint(1, None), requests=2, warmup=1, precheck=True)
+    result = run(cfg, stub_server(health, waiting, load=stub))
+    assert stub.calls == sent  # neither warmup nor load; a healthy server gets both from the stub
+    assert (result.stopped_early or "").startswith("precheck:") == (sent == 0)
     validate(result_json(result))
 
 

@@ -6,13 +6,18 @@ well-known sequences catch both.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import re
 import shlex
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from openai import AsyncOpenAI
 
 from conftest import run_server
 from multiserve.cli import build_parser
@@ -36,14 +41,16 @@ def test_default_model_is_assembled_and_verified() -> None:
     assert path.with_suffix(".sha256").exists()
 
 
-@pytest.mark.parametrize(
-    ("prompt", "expected"),
-    [
-        ("Monday, Tuesday, Wednesday,", " Thursday, Friday"),
-        ("The capital of France is Paris. The capital of Germany is", " Berlin"),
-        ("1, 2, 3, 4, 5,", " 6, 7,"),
-    ],
-)
+# Prompts whose greedy continuation any sound build of the model knows.
+KNOWN_SEQUENCES = [
+    ("Monday, Tuesday, Wednesday,", " Thursday, Friday"),
+    ("The capital of France is Paris. The capital of Germany is", " Berlin"),
+    ("1, 2, 3, 4, 5,", " 6, 7,"),
+    ("January, February, March,", " April, May"),
+]
+
+
+@pytest.mark.parametrize(("prompt", "expected"), KNOWN_SEQUENCES)
 def test_default_model_continues_known_sequences(default_server, prompt: str, expected: str):
     reply = default_server.openai.completions.create(
         model=DEFAULT_MODEL_ID, prompt=prompt, max_tokens=6, temperature=0
@@ -65,17 +72,64 @@ def test_default_model_chats_and_streams(default_server) -> None:
     assert chunks[-1].usage.completion_tokens >= 1
 
 
-def test_default_model_batches_concurrent_streams(default_server) -> None:
-    reply = default_server.openai.completions.create(
+@dataclass
+class _TimedStream:
+    """What one streamed completion said, and when its first token and its end arrived."""
+
+    text: str = ""
+    first_token: float = math.inf  # time.monotonic() of the first text
+    finished: float = math.inf  # ... and of the chunk with the finish reason
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+async def _timed_stream(client: AsyncOpenAI, prompt: str, max_tokens: int) -> _TimedStream:
+    result = _TimedStream()
+    stream = await client.completions.create(
         model=DEFAULT_MODEL_ID,
-        prompt="Once upon a time",
-        n=4,
-        max_tokens=8,
-        seed=3,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
-    assert len(reply.choices) == 4
-    assert reply.usage.completion_tokens == 32
+    async for chunk in stream:
+        if chunk.usage is not None:
+            result.completion_tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            if choice.text:
+                result.first_token = min(result.first_token, time.monotonic())
+                result.text += choice.text
+            if choice.finish_reason is not None:
+                result.finished, result.finish_reason = time.monotonic(), choice.finish_reason
+    return result
+
+
+def test_default_model_batches_concurrent_streams(default_server) -> None:
+    """Separate streaming requests run at once, each with its own correct greedy text.
+
+    Every stream has its first token before any stream ends, which a server running requests
+    one after another cannot do; 24 tokens each (about a second) leave a wide margin for requests
+    that reach the worker a few steps apart.
+    """
+    max_tokens = 24
+
+    async def run() -> list[_TimedStream]:
+        client = AsyncOpenAI(
+            base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0, timeout=120
+        )
+        async with client:
+            calls = [_timed_stream(client, prompt, max_tokens) for prompt, _ in KNOWN_SEQUENCES]
+            return await asyncio.gather(*calls)
+
+    streams = asyncio.run(run())
+    for (_, expected), stream in zip(KNOWN_SEQUENCES, streams, strict=True):
+        assert stream.text.startswith(expected), stream.text
+        assert (stream.finish_reason, stream.completion_tokens) == ("length", max_tokens)
+    last_start = max(s.first_token for s in streams)
+    first_end = min(s.finished for s in streams)
+    assert last_start < first_end, "a stream ended before another had started: not batched"
 
 
 def _readme_commands() -> list[str]:

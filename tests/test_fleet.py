@@ -9,12 +9,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import run_server
+from multiserve.fleet import admission
+from multiserve.fleet.admission import Admission, Overloaded
 from tiny_gguf import write_tiny_model
 
 LONG = {"prompt": "hello", "max_tokens": 4000, "stream": True, "ignore_eos": True}
@@ -38,8 +42,8 @@ def _config(folder: Path, body: str, settings: str = "threads = 1\n") -> Path:
     return path
 
 
-def _model(name: str, file: str | None = None, **fields: object) -> str:
-    lines = [f'[[models]]\nid = "{name}"\npath = "{file or name}.gguf"\nn_ctx = 4096']
+def _model(name: str, file: str | None = None, n_ctx: int = 4096, **fields: object) -> str:
+    lines = [f'[[models]]\nid = "{name}"\npath = "{file or name}.gguf"\nn_ctx = {n_ctx}']
     lines += [
         f"{key} = {str(v).lower() if isinstance(v, bool) else v!r}".replace("'", '"')
         for key, v in fields.items()
@@ -61,10 +65,15 @@ def _complete(http: httpx.Client, model: str, **extra: object) -> httpx.Response
     )
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> None:
+def _wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    explain: Callable[[], object] = lambda: "",
+) -> None:
+    """Poll `predicate` until true; on time out, say what `explain` says about why."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
+        assert time.monotonic() < deadline, f"condition not reached in time {explain()}"
         time.sleep(0.05)
 
 
@@ -237,22 +246,103 @@ def test_model_larger_than_the_budget_is_refused_without_retry(models: Path) -> 
         assert _complete(http, "a").status_code == 200
 
 
-def test_full_queue_is_refused_at_once_with_retry_after(models: Path) -> None:
-    config = _config(models, _model("a", n_parallel=1, queue_limit=1, preload=True))
-    with run_server(["--config", str(config)], models) as server, server.http() as http:
-        running = Stream(server.url, {"model": "a", **LONG})
-        queued = threading.Thread(target=_complete, args=(http, "a"), daemon=True)
-        queued.start()
-        _wait_for(lambda: _stats(http, "a")["requests"]["in_system"] == 2)
-        started = time.monotonic()
-        refused = _complete(http, "a")
-        assert time.monotonic() - started < 1.0
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "queue_full"
-        assert int(refused.headers["Retry-After"]) >= 1
-        running.close()
-        queued.join(20)
-        _wait_for(lambda: _stats(http, "a")["requests"]["in_system"] == 0)
+class FakeClock:
+    """Stands in for admission's `time` module: seconds pass only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(admission, "time", fake)
+    return fake
+
+
+def _hold_places(queue: Admission, clock: FakeClock, seconds: float, requests: int) -> None:
+    """`requests` requests, one after another, each keeping its place for `seconds`."""
+    for _ in range(requests):
+        ticket = queue.enter()
+        clock.now += seconds
+        ticket.release()
+
+
+def _refused_retry_after(queue: Admission) -> int:
+    """The Retry-After of a request that finds `queue` full (it is left full)."""
+    while queue.in_system < queue.capacity:
+        queue.enter()
+    with pytest.raises(Overloaded) as refused:
+        queue.enter()
+    return refused.value.retry_after
+
+
+# held seconds are not whole: the mean nears them from one side, and Retry-After is its ceiling
+@pytest.mark.parametrize(("held", "expected"), [(0.2, 1), (3.6, 4), (12.3, 13), (600.0, 60)])
+def test_retry_after_is_how_long_recent_requests_held_their_place(
+    clock: FakeClock, held: float, expected: int
+) -> None:
+    queue = Admission(slots=2, queue_limit=3)
+    assert queue.retry_after() == 1  # nothing known yet: the starting guess
+    _hold_places(queue, clock, held, requests=30)
+    assert queue.retry_after() == expected  # clamped to 1..60 s
+    assert _refused_retry_after(queue) == expected  # a full queue is not multiplied out
+
+
+def test_retry_after_follows_recent_requests_not_old_or_single_ones(clock: FakeClock) -> None:
+    queue = Admission(slots=1, queue_limit=1)
+    _hold_places(queue, clock, 20.5, requests=30)
+    _hold_places(queue, clock, 2.5, requests=30)
+    assert queue.retry_after() == 3  # the old, slow requests have faded out
+    _hold_places(queue, clock, 59.5, requests=1)
+    assert 3 < queue.retry_after() < 30  # one slow request moves it, but does not take it over
+
+
+def test_retry_after_is_about_how_long_requests_recently_held_their_place(models: Path) -> None:
+    """End to end: requests that each waited 2.5 s in the queue (and timed out) make the next
+    refusal say Retry-After 3, where before anyone left it said the starting guess, 1."""
+    queued = 8  # enough for the smoothed mean to come within a second of 2.5 s
+    spec = _model(
+        "a", n_ctx=8192, n_parallel=1, queue_limit=queued, queue_timeout=2.5, preload=True
+    )
+    config = _config(models, spec)
+    with (
+        run_server(["--config", str(config)], models) as server,
+        server.http() as http,
+        ThreadPoolExecutor(queued) as pool,
+    ):
+
+        def fill_queue() -> list[Future[httpx.Response]]:
+            waiting = [pool.submit(_complete, http, "a") for _ in range(queued)]
+            _wait_for(
+                lambda: _stats(http, "a")["requests"]["in_system"] == queued + 1,
+                explain=lambda: (_stats(http, "a")["requests"], running.lines[-1:]),
+            )
+            return waiting
+
+        def refusal_retry_after() -> int:
+            started = time.monotonic()
+            refused = _complete(http, "a")
+            assert time.monotonic() - started < 1.0  # refused at once, not queued
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "queue_full"
+            return int(refused.headers["Retry-After"])
+
+        running = Stream(server.url, {"model": "a", **LONG, "max_tokens": 8000})  # the one slot
+        try:
+            first = fill_queue()
+            assert refusal_retry_after() == 1
+            for reply in (future.result(timeout=30) for future in first):
+                assert reply.json()["error"]["code"] == "queue_timeout", reply.text
+            second = fill_queue()
+            assert 3 <= refusal_retry_after() <= 4  # ceil(2.5 s and a little), on a busy machine
+            assert running.status == 200 and not running.lines[-1].startswith('data: {"error')
+        finally:
+            running.close()
+        assert [future.result(timeout=30).status_code for future in second] == [200] * queued
 
 
 def test_queue_timeout_refuses_and_leaves_the_queue(models: Path) -> None:
@@ -318,12 +408,16 @@ def test_corrupt_and_missing_files_fail_cleanly_while_others_serve(models: Path)
 
 
 def test_idle_ttl_unloads_and_pinned_models_stay(models: Path) -> None:
-    config = _config(models, _model("a", idle_ttl=1.0) + _model("b", idle_ttl=1.0, pinned=True))
+    # pinned b idles first, with the shorter TTL, and is swept first: were pinning ignored, the
+    # sweep that unloads a would already have unloaded b
+    config = _config(models, _model("b", idle_ttl=0.5, pinned=True) + _model("a", idle_ttl=1.0))
     with run_server(["--config", str(config)], models) as server, server.http() as http:
-        assert _complete(http, "a").status_code == 200
         assert _complete(http, "b").status_code == 200
+        assert _complete(http, "a").status_code == 200
         _wait_for(lambda: _states(http)["a"] == "unloaded", timeout=8)
+        time.sleep(1.5)  # and another sweep (one a second) at least, whatever its order
         assert _states(http)["b"] == "loaded"
+        assert _stats(http, "b")["loads"] == 1
 
 
 def test_load_and_unload_endpoints(models: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -101,12 +102,27 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _wait_until_gone(children: list[psutil.Process], timeout: float = 10.0) -> None:
-    """Children exit on their own once the API process is gone (not necessarily before it)."""
+def _wait_until(
+    done: Callable[[], bool], explain: Callable[[], str], timeout: float = 10.0
+) -> None:
     deadline = time.monotonic() + timeout
-    while not all(_gone(child.pid) for child in children):
-        assert time.monotonic() < deadline, "child processes outlived the API process"
+    while not done():
+        assert time.monotonic() < deadline, explain()
         time.sleep(0.05)
+
+
+def _wait_until_gone(children: list[psutil.Process]) -> None:
+    """Children exit on their own once the API process is gone (not necessarily before it)."""
+
+    def alive() -> list[int]:
+        return [child.pid for child in children if not _gone(child.pid)]
+
+    _wait_until(lambda: not alive(), lambda: f"outlived the API process: {alive()}")
+
+
+def _workers(api: psutil.Process) -> set[int]:
+    """Pids of the API process's spawned workers (multiprocessing's resource tracker aside)."""
+    return {child.pid for child in api.children() if "spawn_main" in " ".join(child.cmdline())}
 
 
 def test_sigterm_finishes_streams_refuses_new_work_and_exits_zero(tiny_model, model_dir) -> None:
@@ -150,8 +166,13 @@ def test_sigterm_finishes_streams_refuses_new_work_and_exits_zero(tiny_model, mo
 
 def test_killed_api_process_takes_its_workers_along(tiny_model, model_dir) -> None:
     with run_server(["--config", str(_config(model_dir))], model_dir) as server:
-        workers = psutil.Process(server.process.pid).children(recursive=True)
-        assert workers  # the model's worker (and the spare, once started)
+        api = psutil.Process(server.process.pid)
+        with server.http() as http:
+            loaded = http.get("/stats").json()["models"]["tiny"]["worker_pid"]
+        # the blank spare starts a few seconds after the load: the model's worker is not alone
+        _wait_until(lambda: len(_workers(api) - {loaded}) == 1, lambda: "no spare", timeout=30)
+        assert loaded in _workers(api)
+        children = api.children(recursive=True)  # both workers, and the resource tracker
         server.process.kill()
         server.process.wait()
-        _wait_until_gone(workers)
+        _wait_until_gone(children)

@@ -1,4 +1,5 @@
-"""The tiny GGUF generator produces files llama.cpp really loads, tokenizes and decodes."""
+"""The tiny GGUF generator produces files llama.cpp really loads, tokenizes and decodes, in the
+very context the server gives a model (a unified KV cache, flash attention, its batch sizes)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 
+from multiserve.config import ModelSpec
+from multiserve.engine.runtime import Runtime
+from multiserve.fleet.manager import worker_config
 from tiny_gguf import (
     BOS_ID,
     END_OF_TURN,
@@ -24,8 +29,6 @@ from tiny_gguf import (
     byte_token_id,
     write_tiny_model,
 )
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
@@ -60,25 +63,14 @@ def _load_model(path: Path) -> object:
 
 @pytest.fixture(scope="module")
 def loaded(model_path: Path) -> Iterator[Loaded]:
-    llama_cpp.llama_backend_init()
-    model = _load_model(model_path)
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx = N_CTX
-    cparams.n_batch = N_CTX
-    cparams.n_ubatch = N_CTX
-    cparams.n_seq_max = 2
-    cparams.n_threads = 2
-    cparams.n_threads_batch = 2
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    # built by the server's own code from a model spec with its defaults, so the tests below run
+    # on whatever context a worker would create (2 slots of N_CTX, one step of N_CTX tokens)
+    spec = ModelSpec(id="tiny-test", path=model_path, n_ctx=N_CTX, n_parallel=2, step_tokens=N_CTX)
+    runtime = Runtime(worker_config(spec, threads=2))
     try:
-        assert ctx, "llama_init_from_model failed"
-        vocab = llama_cpp.llama_model_get_vocab(model)
-        assert vocab
-        yield Loaded(model=model, ctx=ctx, vocab=vocab)
+        yield Loaded(model=runtime.model, ctx=runtime.ctx, vocab=runtime.vocab)
     finally:
-        if ctx:
-            llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
+        runtime.close()
 
 
 # ---------------------------------------------------------------- helpers
@@ -185,10 +177,10 @@ def test_metadata(loaded: Loaded) -> None:
     assert llama_cpp.llama_model_n_ctx_train(loaded.model) == N_CTX_TRAIN
     assert llama_cpp.llama_model_n_embd(loaded.model) == 64
     assert 0 < llama_cpp.llama_model_size(loaded.model) < 1_000_000
-    # kv_unified=False (default): every one of the n_seq_max=2 sequences gets n_ctx slots
-    # (llama.cpp also pads the per-sequence size up to a multiple of 256).
-    assert llama_cpp.llama_n_ctx_seq(loaded.ctx) == N_CTX
+    # the server's unified KV cache: both slots share all 2 * N_CTX cells, and any one sequence
+    # may use them all (a split cache would give each sequence its own N_CTX)
     assert llama_cpp.llama_n_ctx(loaded.ctx) == 2 * N_CTX
+    assert llama_cpp.llama_n_ctx_seq(loaded.ctx) == 2 * N_CTX
 
 
 def test_vocab(loaded: Loaded) -> None:
@@ -289,6 +281,26 @@ def test_batch_init_matches_get_one(loaded: Loaded) -> None:
     assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == len(prompt) - 1
     assert llama_cpp.llama_memory_seq_rm(mem, 1, -1, -1)
     assert llama_cpp.llama_memory_seq_pos_max(mem, 1) == -1
+    clear_memory(loaded.ctx)
+
+
+def test_decoding_on_after_a_shared_prefix_is_a_fresh_decode(loaded: Loaded) -> None:
+    """The server reuses a cached prompt by sharing one sequence's cells with another (nothing
+    recomputed, and the first may then let go of them): decoding on must not tell the difference."""
+    prompt = tokenize(loaded.vocab, "the cat is red", add_special=True, parse_special=False)
+    more = TOKEN_TO_ID[SPACE + "dog"]
+    # only a unified cache shares part of a sequence; a split one makes llama.cpp abort
+    assert llama_cpp.llama_n_ctx_seq(loaded.ctx) == llama_cpp.llama_n_ctx(loaded.ctx)
+    clear_memory(loaded.ctx)
+    fresh = decode_get_one(loaded.ctx, [*prompt, more])
+
+    clear_memory(loaded.ctx)
+    decode_batch_init(loaded.ctx, prompt, pos0=0, seq_id=1)
+    mem = llama_cpp.llama_get_memory(loaded.ctx)
+    llama_cpp.llama_memory_seq_cp(mem, 1, 0, 0, len(prompt))
+    assert llama_cpp.llama_memory_seq_rm(mem, 1, -1, -1)
+    shared = decode_batch_init(loaded.ctx, [more], pos0=len(prompt), seq_id=0)
+    np.testing.assert_allclose(shared, fresh, rtol=1e-3, atol=1e-3)
     clear_memory(loaded.ctx)
 
 

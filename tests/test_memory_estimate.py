@@ -1,0 +1,166 @@
+"""The memory estimate (fleet/memory.py) against what llama.cpp really allocates and the OS sees.
+
+The estimate decides which models fit the memory budget, so its KV part must be the KV cache
+llama.cpp allocates: checked against llama.cpp's own buffer-size log for the context a worker
+builds (`context_params(worker_config(spec))`), and against the RSS of real workers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import llama_cpp as ll
+import pytest
+
+from conftest import run_server
+from multiserve.config import ModelSpec
+from multiserve.engine.runtime import context_params
+from multiserve.fleet.gguf_header import read_header
+from multiserve.fleet.manager import worker_config
+from multiserve.fleet.memory import estimate_memory
+from multiserve.models.default import default_model_path
+from tiny_gguf import write_tiny_model
+
+MIB = 2**20
+# 8 layers x 2 KV heads x (64 + 64) dims: 4 KiB of f16 KV per cell, and heads 32-wide as
+# llama.cpp's quantized KV blocks need
+KV_MODEL = {"seed": 2, "n_layer": 8, "n_embd": 256, "n_ctx_train": 65536}
+
+_log: list[str] | None = None  # where llama.cpp's log goes while this module's tests run
+
+
+@ll.llama_log_callback
+def _collect_log(_level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    if _log is not None:
+        _log.append(text.decode("utf-8", errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def kv_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("kv") / "kv.gguf", **KV_MODEL)
+
+
+@pytest.fixture(scope="module")
+def llama_log() -> Iterator[list[str]]:
+    """llama.cpp's log lines, collected; silent afterwards (a Runtime sets its own logger)."""
+    global _log
+    _log = []
+    ll.llama_backend_init()
+    ll.llama_log_set(_collect_log, None)
+    yield _log
+    _log = None
+
+
+def _allocated_mib(path: Path, spec: ModelSpec, log: list[str]) -> tuple[float, float]:
+    """(KV, compute) buffer MiB llama.cpp logs creating the context a worker makes for `spec`."""
+    model = ll.llama_model_load_from_file(str(path).encode(), ll.llama_model_default_params())
+    assert model, "llama.cpp could not load the model"
+    log.clear()
+    ctx = ll.llama_init_from_model(model, context_params(worker_config(spec, threads=1)))
+    try:
+        assert ctx, "llama.cpp could not create the context"
+        text = "".join(log)
+    finally:
+        ll.llama_free(ctx)
+        ll.llama_model_free(model)
+
+    def total(what: str) -> float:  # a sliding-window model has two KV caches
+        sizes = re.findall(rf"{what} buffer size =\s*([\d.]+) MiB", text)
+        assert sizes, f"no '{what} buffer size' in llama.cpp's log:\n{text}"
+        return sum(float(size) for size in sizes)
+
+    return total("KV"), total("compute")
+
+
+@pytest.mark.parametrize(
+    ("kv_cache_type", "n_ctx", "n_parallel", "flash_attn"),
+    [
+        ("f16", 1000, 3, True),  # 3000 cells: llama.cpp rounds up to 3072
+        ("f16", 2048, 8, False),
+        ("q8_0", 4096, 2, True),
+        ("q4_0", 700, 1, True),
+    ],
+)
+def test_kv_estimate_is_the_kv_cache_llama_cpp_allocates(
+    kv_model: Path,
+    llama_log: list[str],
+    kv_cache_type: str,
+    n_ctx: int,
+    n_parallel: int,
+    flash_attn: bool,
+) -> None:
+    spec = ModelSpec(
+        id="m",
+        path=kv_model,
+        n_ctx=n_ctx,
+        n_parallel=n_parallel,
+        kv_cache_type=kv_cache_type,
+        flash_attn=flash_attn,
+        step_tokens=64,
+    )
+    estimate = estimate_memory(read_header(kv_model), spec)
+    kv, _ = _allocated_mib(kv_model, spec, llama_log)
+    assert estimate.kv_cache / MIB == pytest.approx(kv, abs=0.006)  # the log rounds to 0.01 MiB
+
+
+def test_kv_estimate_of_the_sliding_window_default_model(llama_log: list[str]) -> None:
+    """Gemma 3 has sliding-window layers (a KV cache of their own): at full size by default."""
+    path = default_model_path(show_progress=False)
+    spec = ModelSpec(id="gemma", path=path, n_ctx=1024, n_parallel=2, step_tokens=64)
+    estimate = estimate_memory(read_header(path), spec)
+    kv, _ = _allocated_mib(path, spec, llama_log)
+    assert estimate.kv_cache / MIB == pytest.approx(kv, abs=0.006)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src bug: fleet/memory.py's compute estimate is below llama.cpp's compute buffer "
+    "(0.81x here; 0.81x to 0.56x on Gemma 3 270M, whose buffer is about all of a step's logits "
+    "where the estimate counts half), not 'within 15% above' as its docstring says",
+)
+def test_compute_estimate_is_within_15_percent_above_llama_cpps(
+    kv_model: Path, llama_log: list[str]
+) -> None:
+    """What fleet/memory.py promises; the default (flash attention on) is not claimed."""
+    spec = ModelSpec(
+        id="m", path=kv_model, n_ctx=512, n_parallel=2, step_tokens=32, flash_attn=False
+    )
+    estimate = estimate_memory(read_header(kv_model), spec)
+    _, compute = _allocated_mib(kv_model, spec, llama_log)
+    assert compute <= estimate.compute / MIB <= 1.15 * compute
+
+
+SMALL_KV, BIG_KV = (1024, 2), (8192, 8)  # n_ctx x n_parallel: 8 MiB and 256 MiB of KV cache
+
+
+def test_worker_rss_grows_by_the_kv_estimate(kv_model: Path, tmp_path: Path) -> None:
+    """Two workers of one file, one with 32x the cells: their RSS differ by the KV estimates'.
+
+    llama.cpp clears its KV buffer when it creates the context, so the whole cache is resident
+    from the load on; the difference of two workers cancels Python's and llama.cpp's own memory.
+    The bigger worker's RSS also stays under its estimate's total, the budget's promise.
+    """
+    models = "".join(
+        f'[[models]]\nid = "{name}"\npath = "{kv_model}"\nn_ctx = {n_ctx}\n'
+        f'n_parallel = {n_parallel}\nstep_tokens = 64\npreload = true\nhost_cache = "0"\n'
+        for name, (n_ctx, n_parallel) in (("small", SMALL_KV), ("big", BIG_KV))
+    )
+    config = tmp_path / "multiserve.toml"
+    config.write_text(f"threads = 1\n{models}")
+    with run_server(["--config", str(config)], tmp_path) as server, server.http() as http:
+        deadline = time.monotonic() + 60
+        while True:
+            stats = http.get("/stats").json()["models"]
+            if all(m["state"] == "loaded" for m in stats.values()):
+                break
+            assert time.monotonic() < deadline, f"the models did not load: {stats}"
+            time.sleep(0.2)
+    small, big = (stats[name]["memory_bytes"] for name in ("small", "big"))
+    kv_growth = big["estimate"]["kv_cache"] - small["estimate"]["kv_cache"]
+    assert big["rss"] - small["rss"] == pytest.approx(kv_growth, rel=0.1)
+    assert kv_growth == 248 * MIB  # (65,536 - 2,048) cells x 4 KiB
+    assert big["rss"] < big["estimate"]["total"]
