@@ -186,13 +186,6 @@ def test_control_text_typed_in_a_message_is_plain_text(
     assert _prompt_tokens(chat_server, messages) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="render_segments falls back to ONE special segment when no single transform (as "
-    "given / str.strip) reproduces every content: Gemma 3 uses the system text raw but trims "
-    "user text, so a system prompt ending in '\\n' plus a user message ending in '\\n' makes "
-    "control text typed by the user real control tokens (templates/chat.py)",
-)
 def test_typed_control_text_stays_plain_with_trailing_newlines(
     chat_server: RunningServer, vocab: object
 ) -> None:

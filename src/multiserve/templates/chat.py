@@ -129,17 +129,47 @@ class ChatTemplate:
         rendered = self.render(messages, add_generation_prompt)
         pieces = _MARKER.split(self.render(marked, add_generation_prompt))
         if sorted(pieces[1::2]) == sorted(markers):
-            for transform in (str, str.strip):  # as given, or as a template's `trim` leaves it
-                texts = (transform(m["content"]) for m in messages)
-                content = dict(zip(markers, texts, strict=True))
-                segments = [
-                    PromptSegment(content[piece] if i % 2 else piece, special=not i % 2)
-                    for i, piece in enumerate(pieces)
-                    if (content[piece] if i % 2 else piece)
-                ]
-                if "".join(s.text for s in segments) == rendered:
-                    return segments
+            contents = dict(zip(markers, (m["content"] for m in messages), strict=True))
+            aligned = _align(pieces, contents, rendered)
+            if aligned is not None:
+                return [segment for segment in aligned if segment.text]
         return [PromptSegment(rendered, special=True)]
+
+
+# How a template may pass a content through: as given, or trimmed (Jinja's `trim`, Python's strip)
+_FORMS = (str, str.strip, str.rstrip, str.lstrip)
+
+
+def _align(
+    pieces: list[str], contents: dict[str, str], rendered: str
+) -> list[PromptSegment] | None:
+    """Segments that spell `rendered`: template pieces special, each content in the form it took.
+
+    Each content is matched on its own (Gemma 3 keeps the system text as given but trims the
+    user's), trying the forms in order and backtracking when a later piece no longer fits.
+    """
+    # Depth-first over (piece index, position in `rendered`), iterative: chats can be long.
+    stack: list[tuple[int, int, tuple[PromptSegment, ...]]] = [(0, 0, ())]
+    seen: set[tuple[int, int]] = set()
+    while stack:
+        index, at, path = stack.pop()
+        if index == len(pieces):
+            if at == len(rendered):
+                return list(path)
+            continue
+        if (index, at) in seen:
+            continue
+        seen.add((index, at))
+        piece = pieces[index]
+        if index % 2 == 0:
+            options = [(piece, True)]
+        else:
+            options = [(text, False) for text in dict.fromkeys(f(contents[piece]) for f in _FORMS)]
+        for text, special in reversed(options):  # the first form is tried first
+            if rendered.startswith(text, at):
+                segment = PromptSegment(text, special=special)
+                stack.append((index + 1, at + len(text), (*path, segment)))
+    return None
 
 
 # Private-use characters: cannot come from a template, and contents are never scanned for them.
