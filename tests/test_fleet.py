@@ -36,6 +36,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# Each tiny model is estimated at ~91 MiB (64 MiB worker overhead, 8 MiB KV, compute buffers)
+ROOM_FOR_ONE = 'memory_budget = "140MiB"\n'
+ROOM_FOR_TWO = 'memory_budget = "230MiB"\n'
+
+
 def _config(folder: Path, body: str, settings: str = "threads = 1\n") -> Path:
     path = folder / f"config-{time.monotonic_ns()}.toml"
     path.write_text(settings + body)
@@ -134,9 +139,8 @@ def test_models_load_lazily_and_concurrent_requests_share_one_load(models: Path)
 
 
 def test_lru_eviction_under_a_small_budget(models: Path) -> None:
-    # each tiny model is estimated at ~232 MiB (compute buffers, worker): two fit, three do not
     config = _config(
-        models, _model("a") + _model("b") + _model("c"), 'threads = 1\nmemory_budget = "500MiB"\n'
+        models, _model("a") + _model("b") + _model("c"), "threads = 1\n" + ROOM_FOR_TWO
     )
     with run_server(["--config", str(config)], models) as server, server.http() as http:
         assert _complete(http, "a").status_code == 200
@@ -151,7 +155,7 @@ def test_lru_eviction_under_a_small_budget(models: Path) -> None:
 def test_busy_model_keeps_its_turn_and_a_cold_request_waits_then_times_out(
     models: Path,
 ) -> None:
-    settings = 'threads = 1\nmemory_budget = "300MiB"\nmodel_turn = 60\n'
+    settings = f"threads = 1\n{ROOM_FOR_ONE}model_turn = 60\n"
     config = _config(models, _model("a") + _model("b", queue_timeout=3), settings)
     with run_server(["--config", str(config)], models) as server, server.http() as http:
         stream = Stream(server.url, {"model": "a", **LONG})
@@ -180,7 +184,7 @@ def test_busy_model_keeps_its_turn_and_a_cold_request_waits_then_times_out(
 def test_cold_model_waits_for_a_busy_one_to_finish_its_turn(models: Path) -> None:
     # a has had its turn at once (model_turn = 0): it takes no new requests, finishes its
     # stream, gives its memory to b; a's next request waits for b in turn, and nothing is refused
-    settings = 'threads = 1\nmemory_budget = "300MiB"\nmodel_turn = 0\n'
+    settings = f"threads = 1\n{ROOM_FOR_ONE}model_turn = 0\n"
     config = _config(models, _model("a") + _model("b"), settings)
     body = {"model": "a", "prompt": "hello", "max_tokens": 600, "stream": True, "ignore_eos": True}
     with run_server(["--config", str(config)], models) as server, server.http() as http:
@@ -207,7 +211,7 @@ def test_cold_model_waits_for_a_busy_one_to_finish_its_turn(models: Path) -> Non
 
 
 def test_client_gone_while_waiting_for_room_gives_up_its_place(models: Path) -> None:
-    settings = 'threads = 1\nmemory_budget = "300MiB"\nmodel_turn = 60\n'
+    settings = f"threads = 1\n{ROOM_FOR_ONE}model_turn = 60\n"
     config = _config(models, _model("a") + _model("b"), settings)
     with run_server(["--config", str(config)], models) as server, server.http() as http:
         stream = Stream(server.url, {"model": "a", **LONG})
@@ -223,7 +227,7 @@ def test_client_gone_while_waiting_for_room_gives_up_its_place(models: Path) -> 
 
 
 def test_model_larger_than_the_budget_is_refused_without_retry(models: Path) -> None:
-    settings = 'threads = 1\nmemory_budget = "300MiB"\n'
+    settings = f"threads = 1\n{ROOM_FOR_ONE}"
     config = _config(models, _model("a") + _model("huge", "b", n_parallel=64), settings)
     listing = subprocess.run(
         [sys.executable, "-m", "multiserve", "models", "--config", str(config)],

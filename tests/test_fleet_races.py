@@ -23,6 +23,7 @@ import pytest
 from conftest import RunningServer, run_server
 from test_fleet import (
     LONG,
+    ROOM_FOR_ONE,
     Stream,
     _complete,
     _config,
@@ -140,12 +141,6 @@ def test_unload_during_a_request_triggered_load_is_refused_or_waits(
         assert _stats(http, "slow-unload")["loads"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an unload during POST /load (no request in the system) answers 200 'unloaded' and "
-    "stops counting the loading model's memory, but the load goes on: the model ends "
-    "'loaded' (Fleet.unload -> _stop_worker clears entry.client, still None while loading)",
-)
 def test_unload_during_a_manual_load_is_not_lost(fleet: RunningServer) -> None:
     with fleet.http() as http:
         replies: dict[str, httpx.Response] = {}
@@ -332,7 +327,7 @@ def test_two_cold_models_under_a_budget_for_one_are_served_in_turn(
 ) -> None:
     """Requests for two cold models at once, with room for one: both are served, one model
     after the other, and the budget is never exceeded."""
-    settings = f'threads = 1\nmemory_budget = "300MiB"\nmodel_turn = {model_turn}\n'
+    settings = f"threads = 1\n{ROOM_FOR_ONE}model_turn = {model_turn}\n"
     config = _config(files, _model("a") + _model("b"), settings)
     with run_server(["--config", str(config)], files) as server, server.http() as http:
         finished: dict[str, list[float]] = {"a": [], "b": []}
@@ -393,11 +388,5 @@ def test_a_load_past_load_timeout_fails_cleanly(timed_out_load: dict) -> None:
     assert timed_out_load["elapsed"] < 30
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a load past load_timeout is answered ~5 s late: EngineClient.stop() queues Shutdown "
-    "for a writer thread that starts only once the worker is ready, so stopping a worker "
-    "still loading always waits out STOP_GRACE_SECONDS (5 s) before it kills it",
-)
 def test_a_load_past_load_timeout_is_answered_soon_after_it(timed_out_load: dict) -> None:
     assert timed_out_load["elapsed"] < 0.1 + 3.0

@@ -5,7 +5,8 @@ buffers (attention scores, mask and logits of one step) + the host prompt cache'
 worker process itself. Sliding-window layers count at full size, which is what they take with
 `swa_full` (the default); with it off the estimate is high by their share. These are
 the sizes llama.cpp allocates (checked against its own buffer-size log lines: KV exact, compute
-within 15% above); RSS grows toward them as contexts fill, and /stats shows it beside them.
+within 15% above, tested with flash attention off and on); RSS grows toward them as contexts
+fill, and /stats shows it beside them.
 """
 
 from __future__ import annotations
@@ -71,9 +72,13 @@ def estimate_memory(header: GGUFHeader, spec: ModelSpec) -> MemoryEstimate:
     cells = -(-spec.n_ctx * spec.n_parallel // KV_CELL_ROUNDING) * KV_CELL_ROUNDING
     per_element = KV_BYTES_PER_ELEMENT[spec.kv_cache_type]
     kv_cache = int(n_layer * cells * n_head_kv * (key_len + value_len) * per_element)
+    n_ff = _largest(header.arch_value("feed_forward_length"), 4 * n_embd)
     step = spec.step_tokens
-    attention = 4 * (n_head + 1) * step * cells  # f32 scores per head plus the mask
-    logits = 4 * n_vocab * step // 2
-    return MemoryEstimate(
-        header.weights_bytes, kv_cache, attention + logits, spec.host_cache_bytes(kv_cache)
-    )
+    # One step's largest f32 tensor (llama.cpp's allocator reuses buffers, so the terms are
+    # alternatives, not a sum): the logits, the attention scores of all heads plus the mask
+    # (flash attention keeps only an f16 mask), or the feed-forward gate and up projections;
+    # plus the residual stream and norms alive beside it.
+    attention = 2 * step * cells if spec.flash_attn else 4 * (n_head + 1) * step * cells
+    largest = max(4 * n_vocab * step, attention, 4 * 2 * n_ff * step)
+    compute = largest + 4 * 6 * n_embd * step
+    return MemoryEstimate(header.weights_bytes, kv_cache, compute, spec.host_cache_bytes(kv_cache))
