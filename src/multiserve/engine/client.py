@@ -210,13 +210,16 @@ class EngineClient:
             return None
 
     async def stop(self) -> None:
-        """Ask the worker to exit; kill it if it does not within the grace period."""
+        """Ask the worker to exit; kill it if it does not within the grace period.
+
+        A worker still loading has no writer thread to pass the request on: it is killed now."""
         process = self._process
         if process is None:
             return
-        self._outbox.put(Shutdown())
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, process.join, STOP_GRACE_SECONDS)
+        if self.alive:
+            self._outbox.put(Shutdown())
+            await loop.run_in_executor(None, process.join, STOP_GRACE_SECONDS)
         if process.is_alive():
             process.kill()
             await loop.run_in_executor(None, process.join, STOP_GRACE_SECONDS)

@@ -407,15 +407,21 @@ class Fleet:
         log.error("model %s %s", entry.spec.id, error)
 
     async def unload(self, entry: ModelEntry, wait: bool) -> None:
-        """Unload now, or (with `wait`) refuse new requests and let in-flight ones finish."""
+        """Unload now, or (with `wait`) refuse new requests and let in-flight ones finish.
+
+        A load under way (`POST /load`, no request waiting) is let finish, then stopped: its
+        worker only gets its client at the end, so stopping earlier would miss it."""
         if entry.busy and not wait:
             raise ModelBusy(
                 f"model `{entry.spec.id}` has {entry.admission.in_system} requests in flight"
             )
         entry.unloading = True
         try:
-            while entry.busy:
-                await asyncio.sleep(0.05)
+            while entry.busy or entry.loading is not None:
+                if entry.loading is not None:
+                    await asyncio.wait({entry.loading})
+                else:
+                    await asyncio.sleep(0.05)
             await self._stop_worker(entry)
         finally:
             entry.unloading = False
