@@ -21,7 +21,7 @@ from multiserve.bench.report import result_json
 from multiserve.bench.runner import (
     BenchResult,
     BenchRunner,
-    ConfigError,
+    BenchSetupError,
     LoadPoint,
     PrecheckResult,
     RunConfig,
@@ -155,11 +155,11 @@ def test_sweep_results_validate() -> None:
 
 
 def test_unsafe_options_are_refused() -> None:
-    with pytest.raises(ConfigError, match="exceeds --max-inflight"):
+    with pytest.raises(BenchSetupError, match="exceeds --max-inflight"):
         config(LoadPoint(100, None)).validate()
-    with pytest.raises(ConfigError):
+    with pytest.raises(BenchSetupError):
         config(LoadPoint(None, -1.0)).validate()
-    with pytest.raises(ConfigError):
+    with pytest.raises(BenchSetupError):
         config(LoadPoint(1, None), duration=float("inf")).validate()
 
 

@@ -26,7 +26,7 @@ from multiserve.bench.report import (
     result_json,
     write_json,
 )
-from multiserve.bench.runner import BenchResult, BenchRunner, ConfigError, LoadPoint, RunConfig
+from multiserve.bench.runner import BenchResult, BenchRunner, BenchSetupError, LoadPoint, RunConfig
 from multiserve.bench.workload import WorkloadError, make_workload
 
 
@@ -34,16 +34,16 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
     try:
         values = tuple(kind(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
-        raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+        raise BenchSetupError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
     if not values:
-        raise ConfigError(f"{flag}: no values")
+        raise BenchSetupError(f"{flag}: no values")
     return values
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
     """Validate the options and make the run's configuration."""
     if args.sweep_concurrency and args.sweep_rate:
-        raise ConfigError("choose one of --sweep-concurrency and --sweep-rate")
+        raise BenchSetupError("choose one of --sweep-concurrency and --sweep-rate")
     sweep = None
     burstiness = args.burstiness
     if args.sweep_concurrency:
@@ -59,11 +59,13 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     else:
         points = (LoadPoint(args.concurrency or 1, None, burstiness),)
     if args.rate is None and not args.sweep_rate and burstiness != 1.0:
-        raise ConfigError("--burstiness shapes open-loop arrivals: it needs --rate or --sweep-rate")
+        raise BenchSetupError(
+            "--burstiness shapes open-loop arrivals: it needs --rate or --sweep-rate"
+        )
     if args.timeout <= 0 or math.isinf(args.timeout):
-        raise ConfigError("--timeout must be a positive number of seconds")
+        raise BenchSetupError("--timeout must be a positive number of seconds")
     if args.max_retries < 0:
-        raise ConfigError("--max-retries cannot be negative")
+        raise BenchSetupError("--max-retries cannot be negative")
     seed = 0 if args.seed is None else args.seed
     try:
         slo = parse_slo(args.slo) if args.slo else None
@@ -71,9 +73,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             args.endpoint, args.input_tokens, args.output_tokens, seed, args.prompts_file
         )
     except (ValueError, WorkloadError) as exc:
-        raise ConfigError(str(exc)) from None
+        raise BenchSetupError(str(exc)) from None
     if not args.url.startswith(("http://", "https://")):
-        raise ConfigError("--url must start with http:// or https://")
+        raise BenchSetupError("--url must start with http:// or https://")
     client = ClientOptions(
         url=args.url,
         model=args.model,
@@ -125,7 +127,7 @@ def run_bench(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
     try:
         config = build_config(args)
-    except ConfigError as exc:
+    except BenchSetupError as exc:
         print(f"multiserve bench: {exc}", file=sys.stderr)
         return 2
     progress = None if args.quiet else LiveProgress(err)

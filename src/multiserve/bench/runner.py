@@ -49,7 +49,7 @@ DEFAULT_DURATION = 300.0
 DEFAULT_MAX_INFLIGHT = 64
 
 
-class ConfigError(ValueError):
+class BenchSetupError(ValueError):
     """Options that cannot make a safe run."""
 
 
@@ -89,33 +89,33 @@ class RunConfig:
 
     def validate(self) -> None:
         if not self.points:
-            raise ConfigError("nothing to run")
+            raise BenchSetupError("nothing to run")
         if self.requests < 1:
-            raise ConfigError("--requests must be at least 1")
+            raise BenchSetupError("--requests must be at least 1")
         if not 0 < self.duration < math.inf:
-            raise ConfigError("--duration must be a positive number of seconds")
+            raise BenchSetupError("--duration must be a positive number of seconds")
         if self.warmup < 0:
-            raise ConfigError("--warmup cannot be negative")
+            raise BenchSetupError("--warmup cannot be negative")
         if self.max_inflight < 1:
-            raise ConfigError("--max-inflight must be at least 1")
+            raise BenchSetupError("--max-inflight must be at least 1")
         if not 0 <= self.max_error_rate <= 1:
-            raise ConfigError("--max-error-rate must be between 0 and 1")
+            raise BenchSetupError("--max-error-rate must be between 0 and 1")
         if self.error_window < 1:
-            raise ConfigError("the error window must hold at least one request")
+            raise BenchSetupError("the error window must hold at least one request")
         if self.client.endpoint != self.workload.endpoint:
-            raise ConfigError("the client's and the workload's endpoints differ")
+            raise BenchSetupError("the client's and the workload's endpoints differ")
         for point in self.points:
             if point.concurrency is not None and point.concurrency < 1:
-                raise ConfigError("concurrency must be at least 1")
+                raise BenchSetupError("concurrency must be at least 1")
             if point.concurrency is not None and point.concurrency > self.max_inflight:
-                raise ConfigError(
+                raise BenchSetupError(
                     f"concurrency {point.concurrency} exceeds --max-inflight {self.max_inflight}"
                     " (raise --max-inflight if the server can take it)"
                 )
             if point.rate is not None and not point.rate > 0:
-                raise ConfigError("--rate must be positive (inf sends as fast as slots allow)")
+                raise BenchSetupError("--rate must be positive (inf sends as fast as slots allow)")
             if not point.burstiness > 0 or math.isinf(point.burstiness):
-                raise ConfigError("--burstiness must be a positive number")
+                raise BenchSetupError("--burstiness must be a positive number")
 
 
 @dataclass
