@@ -17,6 +17,6 @@ BENCHMARKS = serving_core fleet peers soak real_traffic
 bench:
 	@MULTISERVE_EXTRAS=test,bench bash scripts/install.sh
 	@failed=""; for b in $(BENCHMARKS); do \
-	  .venv/bin/python benchmarks/$$b.py || failed="$$failed $$b"; \
+	  .venv/bin/python -m benchmarks.$$b || failed="$$failed $$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "missed a target:$$failed"; exit 1; fi

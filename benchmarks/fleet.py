@@ -1,9 +1,9 @@
 """Fleet benchmark: several models on one machine — core sharing, cold start, a request flood,
 and traffic over more models than fit.
 
-    .venv/bin/python benchmarks/fleet.py [--threads 2] [--tokens 64] [--port 8094]
+    .venv/bin/python -m benchmarks.fleet [--threads 2] [--tokens 64] [--port 8094]
                                          [--out results.json]
-                                         [--only sharing,cold,flood,rotation]
+                                         [--only sharing,cold,flood,rotation] [--no-fail]
 
 What it measures, each on its own `multiserve serve --config <generated toml>` subprocess bound to
 127.0.0.1 and serving the embedded model (`embedded:gemma-3-270m`) under the ids it needs:
@@ -56,7 +56,7 @@ the wall time from sending the first request to the last one finishing (prefill 
 flood's refusal latency is from sending a request to having read its whole 503 response, on
 connections opened beforehand, one httpx client per request (a single pool's own overhead with 60
 requests in flight is ten times the target). Only loopback traffic: the servers bind 127.0.0.1
-and the client ignores proxy settings. Helpers shared with `serving_core.py` are imported from it.
+and the client ignores proxy settings.
 """
 
 from __future__ import annotations
@@ -68,15 +68,12 @@ import itertools
 import json
 import os
 import shlex
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
-from multiprocessing import get_context
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -86,36 +83,26 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from multiserve.config import EMBEDDED_MODEL, ModelSpec
-from multiserve.fleet.manager import worker_config
-from multiserve.models.default import default_model_path
-from serving_core import (  # benchmarks/ is sys.path[0] when this file runs as a script
-    HEALTH_TIMEOUT_S,
-    HOST,
-    REPEATS,
-    REQUEST_TIMEOUT_S,
-    WIDTH,
-    CpuSample,
-    _argmax,
-    _decode,
-    _fill,
-    _runs,
-    _silence_llama,
-    _tokenize,
-    add_no_fail,
-    console,
+from benchmarks.common.llama_anchor import import_llama, in_fresh_process, raw_llama
+from benchmarks.common.machine import machine_info
+from benchmarks.common.multiserve_config import config_text, model_table, serving_config
+from benchmarks.common.noise import (
     cpu_sample,
-    exit_status,
     interference,
     is_noisy,
-    log_tail,
-    machine_info,
-    port_in_use,
-    prompt_text,
-    running_server,
+    others_percent,
+    tree_cpu_seconds,
 )
+from benchmarks.common.output import console, out
+from benchmarks.common.prompts import prompt_text
+from benchmarks.common.servers import RunningServer, port_taken, run_benchmark
+from benchmarks.common.sse import Streamed, complete, loopback_client
+from benchmarks.common.verdict import add_no_fail, exit_status, runs_text, target_table, verdict
+from multiserve.config import EMBEDDED_MODEL, ModelSpec
+from multiserve.models.default import default_model_path
 
 PHASES = ("sharing", "cold", "flood", "rotation")
+REPEATS = 3
 # The context shape of the sharing and cold-start models, mirrored exactly by the cold anchor.
 SHAPE = {"n_ctx": 1024, "n_parallel": 4, "step_tokens": 256}
 STREAMS_PER_MODEL = 4
@@ -137,130 +124,9 @@ ROTATION_SECONDS = 45.0  # concurrent traffic: each model's client loops for thi
 ROTATION_CYCLES = 6  # sequential traffic: one client cycles through the models this often
 ROTATION_TURNS = {"turns": 15.0, "no turns": 0.0}  # model_turn: the default, and none
 TARGET_ROTATION_LOADS = 0.25  # loads per request with turns / without, concurrent traffic
-GREEDY_STREAM = {  # every admitted request yields exactly max_tokens tokens
-    "stream": True,
-    "stream_options": {"include_usage": True},
-    "ignore_eos": True,
-    "temperature": 0,
-}
 
 
-# -- generated configs and servers -----------------------------------------------------------
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    return json.dumps(str(value))  # a JSON string of plain text is a valid TOML basic string
-
-
-def model_table(model_id: str, **fields: object) -> dict[str, object]:
-    return {"id": model_id, "path": EMBEDDED_MODEL, **fields}
-
-
-def write_config(
-    path: Path,
-    threads: int,
-    models: Sequence[dict[str, object]],
-    share_cores: bool = True,
-    server_fields: dict[str, object] | None = None,
-) -> Path:
-    lines = [f"host = {toml_value(HOST)}", f"threads = {threads}"]
-    lines.append(f"share_cores = {toml_value(share_cores)}")
-    lines += [f"{k} = {toml_value(v)}" for k, v in (server_fields or {}).items()]
-    for model in models:
-        lines += ["", "[[models]]", *(f"{k} = {toml_value(v)}" for k, v in model.items())]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@dataclass
-class Server:
-    proc: Any  # subprocess.Popen[bytes]
-    log: Path
-    config: str  # the generated TOML, kept in the JSON report
-
-
-@contextlib.contextmanager
-def fleet_server(
-    args: argparse.Namespace,
-    tmp: Path,
-    name: str,
-    models: Sequence[dict[str, object]],
-    share_cores: bool = True,
-    server_fields: dict[str, object] | None = None,
-) -> Iterator[Server]:
-    """A server on a generated config; stopped on exit, its log shown if anything failed."""
-    config = write_config(tmp / f"{name}.toml", args.threads, models, share_cores, server_fields)
-    command = [sys.executable, "-m", "multiserve", "serve", "--config", str(config)]
-    command += ["--port", str(args.port)]
-    log = tmp / f"{name}.log"
-    console.print(f"{name}: {shlex.join(command)}")
-    with running_server(command, log) as proc:
-        try:
-            yield Server(proc, log, config.read_text())
-        except Exception:
-            console.print(f"[red]{name} server log (last lines):[/red]\n{log_tail(log)}")
-            raise
-
-
-@contextlib.asynccontextmanager
-async def http_client(port: int, connections: int = 100) -> AsyncIterator[httpx.AsyncClient]:
-    options: dict[str, Any] = {
-        "base_url": f"http://{HOST}:{port}",
-        "trust_env": False,  # loopback only: never through a proxy
-        "timeout": httpx.Timeout(REQUEST_TIMEOUT_S, connect=5.0),
-        "limits": httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-    }
-    async with httpx.AsyncClient(**options) as client:
-        yield client
-
-
-async def wait_ready(
-    client: httpx.AsyncClient, server: Server, loaded: Sequence[str] = ()
-) -> float:
-    """Poll /health until it answers and every model in `loaded` is loaded; seconds waited."""
-    start = time.perf_counter()
-    while True:
-        if server.proc.poll() is not None:
-            code = server.proc.returncode
-            raise RuntimeError(f"server exited with code {code}:\n{log_tail(server.log)}")
-        with contextlib.suppress(httpx.TransportError, ValueError):
-            response = await client.get("/health")
-            states = response.json().get("models", {})
-            if response.status_code == 200 and all(states.get(m) == "loaded" for m in loaded):
-                return time.perf_counter() - start
-        if time.perf_counter() - start > HEALTH_TIMEOUT_S:
-            raise TimeoutError(f"server not ready after {HEALTH_TIMEOUT_S:.0f}s")
-        await asyncio.sleep(0.1)
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds used so far by a process and its live children."""
-    total = 0.0
-    with contextlib.suppress(psutil.Error):
-        parent = psutil.Process(pid)
-        for proc in (parent, *parent.children(recursive=True)):
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                total += t.user + t.system
-    return total
-
-
-def tree_sample(server: Server) -> CpuSample:
-    """A CPU sample counting the running server and its workers as ours (not yet reaped)."""
-    sample = cpu_sample()
-    return CpuSample(sample.times, sample.own_s + tree_cpu_seconds(server.proc.pid))
-
-
-def others_percent(before: CpuSample, after: CpuSample) -> float:
-    """Percent of all CPU time used by other processes or stolen, between two samples."""
-    noise = interference(before, after)
-    return noise["steal_percent"] + noise["others_percent"]
+# -- the server's processes ------------------------------------------------------------------
 
 
 def worker_processes(pid: int) -> int:
@@ -273,7 +139,7 @@ def worker_processes(pid: int) -> int:
     return count
 
 
-async def settle(server: Server, workers: int, floor_s: float = SPARE_WARMUP_S) -> float:
+async def settle(server: RunningServer, workers: int, floor_s: float = SPARE_WARMUP_S) -> float:
     """Wait `floor_s`, then until `workers` worker processes exist and the server is idle.
 
     The server may start its next spare a few seconds after a load; waiting for the process
@@ -291,89 +157,9 @@ async def settle(server: Server, workers: int, floor_s: float = SPARE_WARMUP_S) 
     raise TimeoutError(f"no idle spare worker after {SETTLE_TIMEOUT_S:.0f}s")
 
 
-# -- one streamed request --------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    """What came back for one request, whatever it was."""
-
-    model: str
-    status: int
-    t_send: float
-    t_response: float  # 200: headers read; otherwise: the whole error response read
-    t_end: float
-    completion_tokens: int = 0
-    t_first: float | None = None
-    code: str | None = None
-    retry_after: str | None = None
-    stream_error: str | None = None
-    done: bool = False  # saw `data: [DONE]`
-
-    @property
-    def ttft(self) -> float:
-        return (self.t_first or self.t_end) - self.t_send
-
-    @property
-    def response_s(self) -> float:
-        return self.t_response - self.t_send
-
-
-def _error_code(response: httpx.Response) -> str | None:
-    with contextlib.suppress(ValueError, AttributeError):
-        return response.json()["error"]["code"]
-    return None
-
-
-async def _read_stream(response: httpx.Response, outcome: Outcome) -> None:
-    async for line in response.aiter_lines():
-        field, _, data = line.partition(": ")
-        if field != "data":
-            continue
-        if data == "[DONE]":
-            outcome.done = True
-            break
-        chunk = json.loads(data)
-        if "error" in chunk:
-            outcome.stream_error = str(chunk["error"])
-        if chunk.get("usage"):
-            outcome.completion_tokens = chunk["usage"]["completion_tokens"]
-        if outcome.t_first is None and any(c.get("text") for c in chunk.get("choices") or ()):
-            outcome.t_first = time.perf_counter()
-
-
-async def send(client: httpx.AsyncClient, model: str, prompt: str, tokens: int) -> Outcome:
-    """One streamed greedy completion of `tokens` tokens; never raises on an HTTP status."""
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, **GREEDY_STREAM}
-    t_send = time.perf_counter()
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            await response.aread()
-            now = time.perf_counter()
-            retry_after = response.headers.get("retry-after")
-            code = _error_code(response)
-            status = response.status_code
-            return Outcome(model, status, t_send, now, now, code=code, retry_after=retry_after)
-        outcome = Outcome(model, 200, t_send, time.perf_counter(), 0.0)
-        await _read_stream(response, outcome)
-    outcome.t_end = time.perf_counter()
-    return outcome
-
-
-def check_complete(outcome: Outcome, tokens: int) -> str | None:
-    """Why an admitted streamed request did not complete as asked, or None if it did."""
-    if outcome.status != 200:
-        return f"HTTP {outcome.status} ({outcome.code})"
-    if outcome.stream_error:
-        return f"stream error {outcome.stream_error}"
-    if not outcome.done or outcome.completion_tokens != tokens:
-        return f"{outcome.completion_tokens}/{tokens} tokens, [DONE] seen: {outcome.done}"
-    return None
-
-
-def require_complete(outcomes: Sequence[Outcome], tokens: int) -> None:
+def require_complete(outcomes: Sequence[Streamed], tokens: int) -> None:
     for outcome in outcomes:
-        if (problem := check_complete(outcome, tokens)) is not None:
+        if (problem := outcome.problem(tokens)) is not None:
             raise RuntimeError(f"request to {outcome.model}: {problem}")
 
 
@@ -385,7 +171,7 @@ async def load_round(
 ) -> dict[str, Any]:
     """STREAMS_PER_MODEL streams to each model at once; aggregate tok/s to the last end."""
     jobs = [
-        send(client, model, prompt_text(next(prompts)), tokens)
+        complete(client, model, prompt_text(next(prompts)), tokens)
         for model in models
         for _ in range(STREAMS_PER_MODEL)
     ]
@@ -416,19 +202,18 @@ def _say_round(label: str, i: int, result: dict[str, Any]) -> None:
 
 
 async def sharing_rounds(
-    server: Server, args: argparse.Namespace, loads: dict[str, Sequence[str]], repeats: int
+    server: RunningServer, args: argparse.Namespace, loads: dict[str, Sequence[str]], repeats: int
 ) -> dict[str, list[dict[str, Any]]]:
     """`repeats` rounds of every load in `loads`, interleaved, after one short warm-up round."""
     prompts = itertools.count()
-    async with http_client(args.port) as client:
-        await wait_ready(client, server, loaded=("m1", "m2"))
+    async with loopback_client(server.port) as client:
         await load_round(client, ("m1", "m2"), WARMUP_TOKENS, prompts)
         rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in loads}
         for i in range(repeats):
             for label, models in loads.items():
-                before = tree_sample(server)
+                before = cpu_sample(server.proc.pid)
                 result = await load_round(client, models, args.tokens, prompts)
-                result["others_percent"] = others_percent(before, tree_sample(server))
+                result["others_percent"] = others_percent(before, cpu_sample(server.proc.pid))
                 rounds[label].append(result)
                 _say_round(label, i, result)
     return rounds
@@ -437,17 +222,18 @@ async def sharing_rounds(
 def measure_sharing(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     models = [model_table(m, **SHAPE, preload=True) for m in ("m1", "m2")]
     loads = {"one alone": ("m1",), "both busy": ("m1", "m2")}
-    with fleet_server(args, tmp, "sharing-lease", models) as leased_server:
-        leased = asyncio.run(sharing_rounds(leased_server, args, loads, REPEATS))
+    configs = [config_text(args.threads, models), config_text(args.threads, models, False)]
+    with serving_config("sharing-lease", configs[0], tmp, args.port, ("m1", "m2")) as server:
+        leased = asyncio.run(sharing_rounds(server, args, loads, REPEATS))
     # one round only: without the lease the two models' spinning threads can slow each other
     # down by an order of magnitude, so more rounds would only make the benchmark crawl
-    with fleet_server(args, tmp, "sharing-no-lease", models, share_cores=False) as server:
+    with serving_config("sharing-no-lease", configs[1], tmp, args.port, ("m1", "m2")) as server:
         unleased = asyncio.run(sharing_rounds(server, args, {"both busy": ("m1", "m2")}, 1))
     return {
         "alone": leased["one alone"],
         "both": leased["both busy"],
         "both_no_lease": unleased["both busy"],
-        "configs": [leased_server.config, server.config],
+        "configs": configs,
     }
 
 
@@ -468,46 +254,19 @@ def summarize_sharing(result: dict[str, Any]) -> dict[str, Any]:
 # -- 2. cold start ---------------------------------------------------------------------------
 
 
-def _require(handle: Any, what: str) -> Any:
-    if not handle:
-        raise RuntimeError(f"llama.cpp could not {what}")
-    return handle
-
-
 def run_cold_anchor(
     model_path: str, shape: dict[str, int], threads: int, prompt: str, t_submit: float
 ) -> dict[str, float]:
     """Raw llama.cpp load + context + prompt + first token; runs in a fresh spawned process."""
     t = {"called": time.perf_counter()}  # CLOCK_MONOTONIC: comparable across processes on Linux
-    import llama_cpp as ll
-
-    from multiserve.engine.runtime import context_params
-
+    import_llama()
     t["imported"] = time.perf_counter()
-    _silence_llama(ll)
-    with contextlib.ExitStack() as cleanup:
-        t["start"] = time.perf_counter()
-        ll.llama_backend_init()
-        cleanup.callback(ll.llama_backend_free)
-        cpu_only = ll.llama_model_default_params()
-        cpu_only.n_gpu_layers = 0
-        model = _require(ll.llama_model_load_from_file(model_path.encode(), cpu_only), "load")
-        cleanup.callback(ll.llama_model_free, model)
-        t["model"] = time.perf_counter()
-        # the very context the server's worker creates for this model table
-        spec = ModelSpec(id="anchor", path=Path(model_path), **shape)
-        params = context_params(worker_config(spec, threads))
-        ctx = _require(ll.llama_init_from_model(model, params), "create a context")
-        cleanup.callback(ll.llama_free, ctx)
-        t["context"] = time.perf_counter()
-        batch = ll.llama_batch_init(shape["step_tokens"], 0, 1)
-        cleanup.callback(ll.llama_batch_free, batch)
-        vocab = ll.llama_model_get_vocab(model)
-        tokens = _tokenize(ll, vocab, prompt)
+    spec = ModelSpec(id="anchor", path=Path(model_path), **shape)  # the server's model table
+    with raw_llama(spec, threads, marks=t) as raw:
+        tokens = raw.tokenize(prompt)
         last = len(tokens) - 1
-        _fill(batch, [(token, pos, 0, pos == last) for pos, token in enumerate(tokens)])
-        _decode(ll, ctx, batch)
-        _argmax(ll, ctx, last, ll.llama_vocab_n_tokens(vocab))
+        raw.decode([(token, pos, 0, pos == last) for pos, token in enumerate(tokens)])
+        raw.argmax(last)
         t["first"] = time.perf_counter()
     return {
         "spawn_s": t["called"] - t_submit,  # interpreter start + this module's imports
@@ -521,14 +280,14 @@ def run_cold_anchor(
 
 
 def cold_anchor(model: Path, threads: int, prompt: str) -> dict[str, float]:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        job = pool.submit(run_cold_anchor, str(model), SHAPE, threads, prompt, time.perf_counter())
-        return job.result()
+    return in_fresh_process(
+        run_cold_anchor, str(model), SHAPE, threads, prompt, time.perf_counter()
+    )
 
 
 async def warm_api(client: httpx.AsyncClient) -> None:
     """Exercise the completion route once without loading anything (unknown model: 404)."""
-    outcome = await send(client, "no-such-model", "warm-up", 1)
+    outcome = await complete(client, "no-such-model", "warm-up", 1)
     if outcome.status != 404:
         raise RuntimeError(f"warm-up expected 404, got {outcome.status}")
 
@@ -539,22 +298,23 @@ async def unload(client: httpx.AsyncClient, model: str) -> None:
         raise RuntimeError(f"unload {model}: HTTP {response.status_code}: {response.text[:300]}")
 
 
-async def cold_rounds(server: Server, args: argparse.Namespace, model: Path) -> dict[str, Any]:
+async def cold_rounds(
+    server: RunningServer, args: argparse.Namespace, model: Path
+) -> dict[str, Any]:
     anchors: list[dict[str, float]] = []
-    firsts: list[Outcome] = []
+    firsts: list[Streamed] = []
     settled: list[float] = []
     noise: list[float] = []
-    async with http_client(args.port) as client:
-        await wait_ready(client, server)
+    async with loopback_client(server.port) as client:
         await warm_api(client)
         for i in range(REPEATS):
             settled.append(await settle(server, workers=1))  # no model loaded: the spare
             prompt = prompt_text(20_000 + i)
-            before = tree_sample(server)
+            before = cpu_sample(server.proc.pid)
             anchors.append(await asyncio.to_thread(cold_anchor, model, args.threads, prompt))
-            firsts.append(await send(client, "cold", prompt, COLD_TOKENS))
+            firsts.append(await complete(client, "cold", prompt, COLD_TOKENS))
             require_complete(firsts[-1:], COLD_TOKENS)
-            noise.append(others_percent(before, tree_sample(server)))
+            noise.append(others_percent(before, cpu_sample(server.proc.pid)))
             raw, served = anchors[-1]["total_s"], firsts[-1].ttft
             console.print(
                 f"cold: run {i + 1}: raw load + first token {raw * 1000:.0f} ms, "
@@ -562,7 +322,6 @@ async def cold_rounds(server: Server, args: argparse.Namespace, model: Path) -> 
             )
             await unload(client, "cold")
     return {
-        "config": server.config,
         "anchor": anchors,
         "multiserve_ttft_s": [o.ttft for o in firsts],
         "settle_s": settled,
@@ -571,9 +330,9 @@ async def cold_rounds(server: Server, args: argparse.Namespace, model: Path) -> 
 
 
 def measure_cold(args: argparse.Namespace, tmp: Path, model: Path) -> dict[str, Any]:
-    models = [model_table("cold", **SHAPE, preload=False)]
-    with fleet_server(args, tmp, "cold", models) as server:
-        return asyncio.run(cold_rounds(server, args, model))
+    config = config_text(args.threads, [model_table("cold", **SHAPE, preload=False)])
+    with serving_config("cold", config, tmp, args.port) as server:
+        return {"config": config, **asyncio.run(cold_rounds(server, args, model))}
 
 
 def summarize_cold(result: dict[str, Any]) -> dict[str, Any]:
@@ -611,43 +370,44 @@ async def connected_clients(port: int, n: int) -> AsyncIterator[list[httpx.Async
     connections are opened beforehand so the flood measures the server, not TCP handshakes.
     """
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(http_client(port, 1)) for _ in range(n)]
+        clients = [await stack.enter_async_context(loopback_client(port, 1)) for _ in range(n)]
         await asyncio.gather(*(c.get("/health") for c in clients))
         yield clients
 
 
-async def flood_round(server: Server, args: argparse.Namespace, n: int) -> dict[str, Any]:
-    async with http_client(args.port) as client:
-        await wait_ready(client, server, loaded=("flood",))
-        require_complete([await send(client, "flood", prompt_text(0), FLOOD_TOKENS)], FLOOD_TOKENS)
-        async with connected_clients(args.port, n) as clients:
+async def flood_round(server: RunningServer, n: int) -> dict[str, Any]:
+    async with loopback_client(server.port) as client:
+        first = await complete(client, "flood", prompt_text(0), FLOOD_TOKENS)
+        require_complete([first], FLOOD_TOKENS)
+        async with connected_clients(server.port, n) as clients:
             jobs = [
-                send(c, "flood", prompt_text(30_000 + i), FLOOD_TOKENS)
+                complete(c, "flood", prompt_text(30_000 + i), FLOOD_TOKENS)
                 for i, c in enumerate(clients)
             ]
             outcomes = await asyncio.gather(*jobs)
         stats = (await client.get("/stats")).json()["models"]["flood"]["requests"]
-    return {"config": server.config, "outcomes": outcomes, "stats": stats}
+    return {"outcomes": outcomes, "stats": stats}
 
 
 def measure_flood(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     limits = {"n_parallel": FLOOD_SLOTS, "queue_limit": FLOOD_QUEUE_LIMIT}
     models = [model_table("flood", n_ctx=SHAPE["n_ctx"], **limits, preload=True)]
     n = FLOOD_FACTOR * (FLOOD_SLOTS + FLOOD_QUEUE_LIMIT)
-    with fleet_server(args, tmp, "flood", models) as server:
-        return asyncio.run(flood_round(server, args, n))
+    config = config_text(args.threads, models)
+    with serving_config("flood", config, tmp, args.port, loaded=("flood",)) as server:
+        return {"config": config, **asyncio.run(flood_round(server, n))}
 
 
-def _is_refusal(outcome: Outcome) -> bool:
+def _is_refusal(outcome: Streamed) -> bool:
     return outcome.status == 503 and outcome.code == "queue_full" and bool(outcome.retry_after)
 
 
 def summarize_flood(result: dict[str, Any]) -> dict[str, Any]:
-    outcomes: list[Outcome] = result["outcomes"]
+    outcomes: list[Streamed] = result["outcomes"]
     admitted = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if _is_refusal(o)]
     others = [o for o in outcomes if o.status != 200 and not _is_refusal(o)]
-    incomplete = [p for o in admitted if (p := check_complete(o, FLOOD_TOKENS)) is not None]
+    incomplete = [p for o in admitted if (p := o.problem(FLOOD_TOKENS)) is not None]
     latencies = [o.response_s for o in refused]
     max_s = max(latencies, default=0.0)
     return {
@@ -672,18 +432,18 @@ def summarize_flood(result: dict[str, Any]) -> dict[str, Any]:
 
 async def _loop_client(
     client: httpx.AsyncClient, model: str, until: float, prompts: Iterator[int]
-) -> list[Outcome]:
+) -> list[Streamed]:
     outcomes = []
     while time.perf_counter() < until:
-        outcomes.append(await send(client, model, prompt_text(next(prompts)), ROTATION_TOKENS))
+        prompt = prompt_text(next(prompts))
+        outcomes.append(await complete(client, model, prompt, ROTATION_TOKENS))
     return outcomes
 
 
-async def rotation_round(server: Server, args: argparse.Namespace) -> dict[str, Any]:
+async def rotation_round(server: RunningServer) -> dict[str, Any]:
     """Concurrent traffic (one looping client per model), then one client cycling the models."""
     prompts = itertools.count(40_000)
-    async with http_client(args.port) as client:
-        await wait_ready(client, server)
+    async with loopback_client(server.port) as client:
 
         async def loads() -> int:
             stats = (await client.get("/stats")).json()["models"]
@@ -696,12 +456,10 @@ async def rotation_round(server: Server, args: argparse.Namespace) -> dict[str, 
         sequential = []
         for _ in range(ROTATION_CYCLES):
             for model in ROTATION_MODELS:
-                sequential.append(
-                    await send(client, model, prompt_text(next(prompts)), ROTATION_TOKENS)
-                )
+                prompt = prompt_text(next(prompts))
+                sequential.append(await complete(client, model, prompt, ROTATION_TOKENS))
         sequential_loads = await loads() - concurrent_loads
     return {
-        "config": server.config,
         "concurrent": {"outcomes": concurrent, "loads": concurrent_loads},
         "sequential": {"outcomes": sequential, "loads": sequential_loads},
     }
@@ -712,15 +470,15 @@ def measure_rotation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     results = {}
     for label, turn in ROTATION_TURNS.items():
         fields = {"max_loaded_models": 2, "model_turn": turn}
-        name = f"rotation-{turn:g}"
-        with fleet_server(args, tmp, name, models, server_fields=fields) as server:
-            results[label] = asyncio.run(rotation_round(server, args))
+        config = config_text(args.threads, models, server_fields=fields)
+        with serving_config(f"rotation-{turn:g}", config, tmp, args.port) as server:
+            results[label] = {"config": config, **asyncio.run(rotation_round(server))}
     return results
 
 
 def _traffic_summary(traffic: dict[str, Any]) -> dict[str, Any]:
-    outcomes: list[Outcome] = traffic["outcomes"]
-    problems = [p for o in outcomes if (p := check_complete(o, ROTATION_TOKENS)) is not None]
+    outcomes: list[Streamed] = traffic["outcomes"]
+    problems = [p for o in outcomes if (p := o.problem(ROTATION_TOKENS)) is not None]
     latencies = [o.t_end - o.t_send for o in outcomes]
     return {
         "requests": len(outcomes),
@@ -751,14 +509,13 @@ def summarize_rotation(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _verdict(ok: bool, target: str, noisy: bool) -> tuple[str, str]:
-    verdict = "[green]PASS" if ok else "[red]MISS"
-    return target, verdict + ("? (noisy)" if noisy else "")
+    return target, verdict(ok, noisy)
 
 
 def _paired_row(table: Table, label: str, ratios: Sequence[float]) -> None:
     """Ratios of the interleaved pairs: how much of a verdict is drift between rounds."""
     median = statistics.median(ratios)
-    table.add_row(label, f"{median:.3f}", _runs(ratios, fmt="{:.3f}"), "-", "-")
+    table.add_row(label, f"{median:.3f}", runs_text(ratios, fmt="{:.3f}"), "-", "-")
 
 
 def _sharing_rows(table: Table, s: dict[str, Any], noisy: bool) -> None:
@@ -769,7 +526,9 @@ def _sharing_rows(table: Table, s: dict[str, Any], noisy: bool) -> None:
         (f"m1 + m2 busy, {n}+{n} streams, share_cores=false (tok/s)", "both_no_lease"),
     ]
     for label, key in rows:
-        table.add_row(label, f"{s['median_tok_s'][key]:.1f}", _runs(s["runs_tok_s"][key]), "-", "-")
+        table.add_row(
+            label, f"{s['median_tok_s'][key]:.1f}", runs_text(s["runs_tok_s"][key]), "-", "-"
+        )
     ratio = s["both_vs_alone"]
     target = _verdict(ratio >= TARGET_SHARING, f">= {TARGET_SHARING:g}", noisy)
     table.add_row("both busy / one alone (with lease)", f"{ratio:.3f}", "", *target)
@@ -790,10 +549,10 @@ def _cold_rows(table: Table, s: dict[str, Any], result: dict[str, Any], noisy: b
         ("raw: load + first token, total (ms)", "raw_total_s", "total_s"),
     ]
     for label, key, run_key in rows:
-        runs = _runs([a[run_key] for a in anchor], ms, "{:.0f}")
+        runs = runs_text([a[run_key] for a in anchor], ms, "{:.0f}")
         table.add_row(label, f"{s[key] * ms:.0f}", runs, "-", "-")
     served = f"{s['multiserve_ttft_s'] * ms:.0f}"
-    runs = _runs(result["multiserve_ttft_s"], ms, "{:.0f}")
+    runs = runs_text(result["multiserve_ttft_s"], ms, "{:.0f}")
     table.add_row("multiserve: request -> first token, cold (ms)", served, runs, "-", "-")
     ratio = s["multiserve_vs_raw"]
     target = _verdict(ratio <= TARGET_COLD, f"<= {TARGET_COLD:g}", noisy)
@@ -835,10 +594,9 @@ def _rotation_rows(table: Table, s: dict[str, Any], noisy: bool) -> None:
 
 
 def render_table(report: dict[str, Any]) -> Table:
-    title = "multiserve fleet: sharing and cold start median of 3 rounds; flood one burst"
-    table = Table(title=title)
-    for column in ("measurement", "median", "runs", "target", "result"):
-        table.add_column(column, justify="left" if column == "measurement" else "right")
+    table = target_table(
+        "multiserve fleet: sharing and cold start median of 3 rounds; flood one burst"
+    )
     summary, noisy = report["summary"], report["noisy"]
     sections: list[Callable[[], None]] = []
     if "sharing" in summary:
@@ -888,7 +646,9 @@ def print_report(out: Console, report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.fleet", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--threads", type=int, default=2, help="compute threads (default 2)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per stream, sharing (64)")
     parser.add_argument("--port", type=int, default=8094, help="server port on 127.0.0.1 (8094)")
@@ -948,17 +708,16 @@ def missed(summary: dict[str, Any]) -> list[str]:
 
 
 def _jsonable(value: object) -> object:
-    if isinstance(value, Outcome):
-        return asdict(value) | {"response_s": value.response_s, "ttft_s": value.ttft}
+    if isinstance(value, Streamed):  # the text left out: the report is about timing
+        fields = {k: v for k, v in asdict(value).items() if k != "text"}
+        return fields | {"response_s": value.response_s, "ttft_s": value.ttft}
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if port_in_use(args.port):
-        console.print(f"[red]{HOST}:{args.port} is taken; choose a free --port")
+    if port_taken(args.port):
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit runs every cleanup
     model = default_model_path()  # assembles the embedded model on a first run
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         results, noise, loadavg = run_phases(args, Path(tmp), model)
@@ -980,7 +739,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": {phase: SUMMARIES[phase](r) for phase, r in results.items()},
         "results": results,
     }
-    out = Console(width=WIDTH)
     print_report(out, report)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
@@ -989,8 +747,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the servers and the anchor are already stopped by then
-        console.print("[red]interrupted")
-        sys.exit(130)
+    run_benchmark(main)

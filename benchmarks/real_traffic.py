@@ -1,8 +1,8 @@
 """Speed on real traffic: multi-turn chats, a shared system prompt, sampled decoding, saturation.
 
-    .venv/bin/python benchmarks/real_traffic.py [--threads 2] [--only multi_turn,shared,...]
+    .venv/bin/python -m benchmarks.real_traffic [--threads 2] [--only multi_turn,shared,...]
                                                 [--servers multiserve,llama-server]
-                                                [--out-dir benchmarks/results]
+                                                [--out-dir benchmarks/results] [--no-fail]
 
 Runs multiserve and llama.cpp's own `llama-server` one after the other (never both at once) on the
 default model with the same threads, slots (`-np 8`, llama-server's default prompt reuse on) and
@@ -24,6 +24,12 @@ percent between minutes, so only ratios mean anything):
 * every row at least llama-server's speed ("vs llama-server" >= 1: its time over ours, or our
   tokens/s over its).
 
+Equal work: the completions behind the tokens/s rows ask for an exact count (`ignore_eos`); each
+server's completion tokens are checked against it request by request, and a server that did less
+work is named in the "work" column: its speed is not counted as a win (a row multiserve loses only
+to a llama-server that did less work is NOT COUNTED, not MISS; one where multiserve did less work
+is a MISS). Chat turns end where the model ends its answer, so their length is not checked.
+
 The process exits 1 when a target is missed.
 """
 
@@ -31,26 +37,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import statistics
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import sse
+from benchmarks.common.equal_work import Work, judged, work_notes
+from benchmarks.common.output import out
+from benchmarks.common.servers import (
+    HOST,
+    ServerCommand,
+    llama_server_command,
+    multiserve_command,
+    port_taken,
+    run_benchmark,
+    serving,
+)
+from benchmarks.common.sse import Streamed, loopback_client
+from benchmarks.common.verdict import add_no_fail, exit_status, verdict
 from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
-from serving_core import add_no_fail, exit_status, log_tail, port_in_use, running_server
 
-HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 SLOTS = 8
 CTX_PER_SLOT = 4096
@@ -69,30 +84,19 @@ TARGET_REFUSAL_S = 0.25
 TARGET_HEALTH_S = 0.10
 TARGET_VS_PEER = 1.0
 
-WIDTH = None if sys.stdout.isatty() else 120
-console = Console(width=WIDTH)
-
 
 # -- servers ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Server:
-    name: str
-    command: list[str]
-    ready_path: str
+def multiserve_server(port: int, threads: int) -> ServerCommand:
+    return ServerCommand("multiserve", multiserve_command(port, "--threads", str(threads)))
 
 
-def multiserve_server(port: int, threads: int) -> Server:
-    serve = ["serve", "--host", HOST, "--port", str(port), "--threads", str(threads)]
-    return Server("multiserve", [sys.executable, "-m", "multiserve", *serve], "/health")
-
-
-def llama_server(binary: Path, port: int, threads: int) -> Server:
-    command = [str(binary), "-m", str(default_model_path()), "--host", HOST, "--port", str(port)]
-    command += ["-t", str(threads), "-tb", str(threads), "-c", str(CTX_PER_SLOT * SLOTS)]
-    command += ["-np", str(SLOTS), "--no-warmup"]
-    return Server("llama-server", command, "/health")
+def llama_server(binary: Path, port: int, threads: int) -> ServerCommand:
+    options = ["-tb", str(threads), "--no-warmup"]
+    model, n_ctx = default_model_path(), CTX_PER_SLOT * SLOTS
+    command = llama_server_command(binary, model, port, threads, n_ctx, SLOTS, *options)
+    return ServerCommand("llama-server", command)
 
 
 def build_llama_server() -> Path:
@@ -101,90 +105,29 @@ def build_llama_server() -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-@contextlib.asynccontextmanager
-async def serving(server: Server, port: int, log: Path) -> AsyncIterator[httpx.AsyncClient]:
+def client_of(port: int) -> httpx.AsyncClient:
     # no keep-alive: llama-server's HTTP library closes idle connections after a few seconds, and
     # a request sent on one it is closing fails for nothing; a new loopback connection costs ~0.1 ms
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=0)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
-    with running_server(server.command, log) as proc:
-        async with httpx.AsyncClient(
-            base_url=f"http://{HOST}:{port}", timeout=timeout, limits=limits, trust_env=False
-        ) as client:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{server.name} exited:\n{log_tail(log)}")
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get(server.ready_path)).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{server.name} not ready:\n{log_tail(log)}")
-                await asyncio.sleep(0.5)
-            await complete(client, "Warm-up: one, two,", 8, temperature=0)  # loads the model
-            yield client
+    return loopback_client(port, 256, keepalive=False, timeout_s=REQUEST_TIMEOUT_S, connect_s=10.0)
 
 
 # -- requests -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Reply:
-    ttft: float
-    text: str = ""
-    completion_tokens: int = 0
-    cached_tokens: int | None = None
-    first: float = 0.0
-    last: float = 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        return (self.completion_tokens - 1) / max(self.last - self.first, 1e-9)
-
-
-async def _stream(client: httpx.AsyncClient, path: str, body: dict) -> Reply:
-    """One streamed request; TTFT is the arrival of the first text."""
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    reply = Reply(ttft=0.0)
-    async with client.stream("POST", path, json=body) as response:
-        if response.status_code != 200:
-            await response.aread()
-            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            if "error" in chunk:
-                raise RuntimeError(f"stream error: {chunk['error']}")
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-                reply.completion_tokens = usage["completion_tokens"]
-                details = usage.get("prompt_tokens_details") or {}
-                reply.cached_tokens = details.get("cached_tokens")
-            for choice in chunk.get("choices") or ():
-                text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                if text:
-                    now = time.perf_counter()
-                    if not reply.text:
-                        reply.first, reply.ttft = now, now - start
-                    reply.text += text
-                    reply.last = now
-    if not reply.text:
-        raise RuntimeError("the stream carried no text")
-    return reply
-
-
 async def chat(
     client: httpx.AsyncClient, messages: list[dict], tokens: int, **extra: object
-) -> Reply:
+) -> Streamed:
     body = {"model": DEFAULT_MODEL_ID, "messages": messages, "max_tokens": tokens}
-    return await _stream(client, "/v1/chat/completions", {"temperature": 0, **body, **extra})
+    body = {"temperature": 0, **body, **extra}
+    return (await sse.stream(client, "/v1/chat/completions", body)).raise_for_failure()
 
 
-async def complete(client: httpx.AsyncClient, prompt: str, tokens: int, **extra: object) -> Reply:
-    body = {"model": DEFAULT_MODEL_ID, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True}
-    return await _stream(client, "/v1/completions", {**body, **extra})
+async def complete(
+    client: httpx.AsyncClient, prompt: str, tokens: int, **extra: object
+) -> Streamed:
+    """Exactly `tokens` tokens asked for (`ignore_eos`); sampling as `extra` says."""
+    reply = await sse.complete(client, DEFAULT_MODEL_ID, prompt, tokens, **extra)
+    return reply.raise_for_failure()
 
 
 def system_prompt(seed: int) -> str:
@@ -203,7 +146,7 @@ def question(chat_id: int, turn: int) -> str:
     return f"Customer {chat_id}, question {turn}: what does rule {7 * turn + chat_id} say?"
 
 
-async def conversation(client: httpx.AsyncClient, system: str, chat_id: int) -> list[Reply]:
+async def conversation(client: httpx.AsyncClient, system: str, chat_id: int) -> list[Streamed]:
     """TURNS turns of one chat: every turn sends the whole history, as chat clients do."""
     messages = [{"role": "system", "content": system}]
     replies = []
@@ -222,6 +165,13 @@ async def conversation(client: httpx.AsyncClient, system: str, chat_id: int) -> 
 class Results:
     figures: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    work: dict[str, Work] = field(default_factory=dict)  # figures whose requests owe their tokens
+
+    def count(self, figure: str, replies: list[Streamed]) -> None:
+        """Count `replies` (sent with ignore_eos) as work behind `figure`."""
+        work = self.work.setdefault(figure, Work())
+        for reply in replies:
+            work.add(reply.completion_tokens, reply.asked)
 
 
 async def multi_turn(client: httpx.AsyncClient, results: Results, repeats: int = 3) -> None:
@@ -276,6 +226,7 @@ async def sampled(client: httpx.AsyncClient, results: Results, repeats: int = 5)
             prompt = f"Chapter {round_}: a long story about {topics[round_ % 4]}."
             one = await complete(client, prompt, 256, seed=round_, **params)
             rates.setdefault(f"{name} 1 stream", []).append(one.decode_tok_s)
+            results.count(f"{name} 1 stream: tok/s", [one])
             start = time.perf_counter()
             replies = await asyncio.gather(
                 *(
@@ -287,6 +238,7 @@ async def sampled(client: httpx.AsyncClient, results: Results, repeats: int = 5)
             rates.setdefault(f"{name} 8 streams", []).append(
                 sum(r.completion_tokens for r in replies) / wall
             )
+            results.count(f"{name} 8 streams: tok/s", replies)
     for name, values in rates.items():
         results.figures[f"{name}: tok/s"] = statistics.median(values)
 
@@ -364,14 +316,15 @@ RUNNERS: dict[str, Callable[[httpx.AsyncClient, Results], object]] = {
 }
 
 
-async def measure(server: Server, port: int, log: Path, only: list[str]) -> Results:
+async def measure(name: str, port: int, only: list[str]) -> Results:
     results = Results()
-    async with serving(server, port, log) as client:
-        for name in only:
-            if name == "saturation" and server.name != "multiserve":
+    async with client_of(port) as client:
+        await complete(client, "Warm-up: one, two,", 8, temperature=0)  # loads the model
+        for scenario in only:
+            if scenario == "saturation" and name != "multiserve":
                 continue
-            console.print(f"[bold]{server.name}[/]: {name}")
-            await RUNNERS[name](client, results)
+            out.print(f"[bold]{name}[/]: {scenario}")
+            await RUNNERS[scenario](client, results)
     return results
 
 
@@ -384,10 +337,17 @@ class Check:
     value: float
     target: float
     higher_is_better: bool
+    ours: Work | None = None  # the work behind a figure compared with llama-server's
+    peer: Work | None = None
 
     @property
-    def ok(self) -> bool:
+    def met(self) -> bool:
         return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    @property
+    def ok(self) -> bool | None:
+        """met, weighed by work: None when lost only to a llama-server that did less work."""
+        return judged(self.met, self.ours, self.peer)
 
 
 # (label, numerator figure, denominator figure, target, higher is better)
@@ -411,27 +371,38 @@ LIMITS = (
 )
 
 
-def checks(ours: dict[str, float], peer: dict[str, float] | None) -> list[Check]:
+def checks(ours: Results, peer: Results | None) -> list[Check]:
+    mine = ours.figures
     found = [
-        Check(label, ours[top] / ours[bottom], target, higher)
+        Check(label, mine[top] / mine[bottom], target, higher)
         for label, top, bottom, target, higher in RATIOS
-        if top in ours and bottom in ours
+        if top in mine and bottom in mine
     ]
     found += [
-        Check(label, ours[name], target, False) for label, name, target in LIMITS if name in ours
+        Check(label, mine[name], target, False) for label, name, target in LIMITS if name in mine
     ]
-    for name, value in ours.items():
-        if peer is None or name not in peer or name.startswith(("saturation", "same,")):
+    for name, value in mine.items():
+        if peer is None or name not in peer.figures or name.startswith(("saturation", "same,")):
             continue
-        faster = peer[name] / value if name.endswith(" s") else value / peer[name]
-        found.append(Check(f"vs llama-server: {name}", faster, TARGET_VS_PEER, True))
+        theirs = peer.figures[name]
+        faster = theirs / value if name.endswith(" s") else value / theirs
+        found.append(
+            Check(
+                f"vs llama-server: {name}",
+                faster,
+                TARGET_VS_PEER,
+                True,
+                ours.work.get(name),
+                peer.work.get(name),
+            )
+        )
     return found
 
 
 def report(ours: Results, peer: Results | None) -> list[Check]:
     table = Table(title="real traffic: multiserve and llama-server, default model")
-    for column in ("figure", "multiserve", "llama-server", "vs llama-server"):
-        table.add_column(column, justify="left" if column == "figure" else "right")
+    for column in ("figure", "multiserve", "llama-server", "vs llama-server", "work"):
+        table.add_column(column, justify="left" if column in ("figure", "work") else "right")
     names = list(dict.fromkeys([*ours.figures, *(peer.figures if peer else {})]))
     for name in names:
         value = ours.figures.get(name)
@@ -440,22 +411,28 @@ def report(ours: Results, peer: Results | None) -> list[Check]:
         if theirs and value and not name.startswith("saturation"):
             vs = f"{(theirs / value if name.endswith(' s') else value / theirs):.2f}x"
         shown = ["" if v is None else f"{v:.3f}" for v in (value, theirs)]
-        table.add_row(name, *shown, vs)
-    console.print(table)
-    verdicts = checks(ours.figures, peer.figures if peer else None)
+        works = {
+            "multiserve": ours.work.get(name),
+            "llama-server": peer.work.get(name) if peer else None,
+        }
+        table.add_row(name, *shown, vs, work_notes(works))
+    out.print(table)
+    verdicts = checks(ours, peer)
     summary = Table(title="targets")
     for column in ("check", "value", "target", "verdict"):
         summary.add_column(column, justify="left" if column == "check" else "right")
     for check in verdicts:
         sign = ">=" if check.higher_is_better else "<="
-        verdict = "[green]PASS" if check.ok else "[red]MISS"
-        summary.add_row(check.label, f"{check.value:.3f}", f"{sign} {check.target}", verdict)
-    console.print(summary)
+        cell = verdict(check.ok)
+        summary.add_row(check.label, f"{check.value:.3f}", f"{sign} {check.target}", cell)
+    out.print(summary)
     return verdicts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.real_traffic", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--port", type=int, default=8097)
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
@@ -475,11 +452,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if port_in_use(args.port):
-        print(f"port {args.port} is in use; pick another --port", file=sys.stderr)
+    if port_taken(args.port):
         return 2
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    servers: list[Server] = []
+    servers: list[ServerCommand] = []
     if "multiserve" in args.servers:
         servers.append(multiserve_server(args.port, args.threads))
     if "llama-server" in args.servers:
@@ -487,23 +463,28 @@ def main(argv: list[str] | None = None) -> int:
     measured: dict[str, Results] = {}
     for server in servers:
         log = args.out_dir / f"real-traffic-{server.name}.log"
-        measured[server.name] = asyncio.run(measure(server, args.port, log, args.only))
+        with serving(server.name, server.command, args.port, log, timeout_s=READY_TIMEOUT_S):
+            measured[server.name] = asyncio.run(measure(server.name, args.port, args.only))
     ours, peer = measured.get("multiserve", Results()), measured.get("llama-server")
     verdicts = report(ours, peer)
-    out = args.out_dir / "real-traffic.json"
-    out.write_text(
+    results = args.out_dir / "real-traffic.json"
+    results.write_text(
         json.dumps(
             {
                 "threads": args.threads,
                 "figures": {name: r.figures for name, r in measured.items()},
-                "checks": [vars(c) | {"ok": c.ok} for c in verdicts],
+                "work": {
+                    name: {figure: asdict(w) for figure, w in r.work.items()}
+                    for name, r in measured.items()
+                },
+                "checks": [asdict(c) | {"ok": c.ok} for c in verdicts],
             },
             indent=2,
         )
     )
-    console.print(f"results: {out}")
-    return exit_status([c.label for c in verdicts if not c.ok], args.no_fail)
+    out.print(f"results: {results}")
+    return exit_status([c.label for c in verdicts if c.ok is False], args.no_fail)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(main)

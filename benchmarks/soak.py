@@ -1,7 +1,7 @@
 """Soak: minutes of good, bad, cancelled and overload traffic against two models at once.
 
-    .venv/bin/python benchmarks/soak.py [--duration 120] [--warmup 20] [--threads 2]
-                                        [--port 8095] [--out soak.json]
+    .venv/bin/python -m benchmarks.soak [--duration 120] [--warmup 20] [--threads 2]
+                                        [--port 8095] [--out soak.json] [--no-fail]
 
 One `multiserve serve` subprocess (127.0.0.1, an API key, a 64 KiB body limit) serves the embedded
 model (`embedded:gemma-3-270m`) under two ids: `a` (4 slots, queue 8) and `b` (2 slots, queue 2,
@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import json
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -48,17 +47,13 @@ import httpx
 import psutil
 from rich.table import Table
 
-from fleet import (  # benchmarks/ is sys.path[0] when this file runs as a script
-    Server,
-    _error_code,
-    check_complete,
-    fleet_server,
-    http_client,
-    model_table,
-    send,
-    wait_ready,
-)
-from serving_core import HOST, add_no_fail, console, exit_status, machine_info, prompt_text
+from benchmarks.common.machine import machine_info
+from benchmarks.common.multiserve_config import config_text, model_table, serving_config
+from benchmarks.common.output import console
+from benchmarks.common.prompts import prompt_text
+from benchmarks.common.servers import HOST, RunningServer, port_taken, run_benchmark
+from benchmarks.common.sse import complete, error_code, loopback_client, stream
+from benchmarks.common.verdict import add_no_fail, exit_status, verdict
 
 KEY = "soak-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -128,28 +123,21 @@ OVERLOAD_CODES = ("queue_full", "queue_timeout")  # the 503s a good client waits
 async def exchange(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> tuple[int, str]:
     """Send one request; (status, problem): "" for a complete answer, the Retry-After seconds
     for an overload 503, the response text for anything else."""
-    async with client.stream("POST", path, json=body, headers=AUTH) as response:
-        if response.status_code != 200:
-            await response.aread()
-            retry_after = response.headers.get("retry-after", "")
-            if response.status_code == 503 and _error_code(response) in OVERLOAD_CODES:
-                return 503, retry_after
-            return response.status_code, response.text[:200]
-        if not body["stream"]:
-            await response.aread()
-            tokens = response.json()["usage"]["completion_tokens"]
-            return 200, "" if tokens == body["max_tokens"] else f"{tokens} tokens"
-        usage, done = None, False
-        async for line in response.aiter_lines():
-            if line == "data: [DONE]":
-                done = True
-            elif line.startswith("data: "):
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return 200, f"stream error {chunk['error']}"
-                usage = chunk.get("usage") or usage
-        complete = done and usage and usage["completion_tokens"] == body["max_tokens"]
-        return 200, "" if complete else f"incomplete stream (usage {usage}, [DONE] {done})"
+    if body["stream"]:
+        answer = await stream(client, path, body, headers=AUTH)
+        if answer.status == 503 and answer.code in OVERLOAD_CODES:
+            return 503, answer.retry_after or ""
+        if answer.status != 200:
+            return answer.status, answer.body[:200]
+        problem = answer.problem(body["max_tokens"])
+        return 200, "" if problem is None else f"incomplete stream: {problem}"
+    response = await client.post(path, json=body, headers=AUTH)
+    if response.status_code == 503 and error_code(response) in OVERLOAD_CODES:
+        return 503, response.headers.get("retry-after", "")
+    if response.status_code != 200:
+        return response.status_code, response.text[:200]
+    tokens = response.json()["usage"]["completion_tokens"]
+    return 200, "" if tokens == body["max_tokens"] else f"{tokens} tokens"
 
 
 async def good_loop(client: httpx.AsyncClient, deadline: float, seed: int, tally: Tally) -> None:
@@ -246,7 +234,7 @@ async def bad_loop(client: httpx.AsyncClient, deadline: float, port: int, tally:
             status = answer if isinstance(answer, int) else answer.status_code
             error_body = (
                 isinstance(answer, int)
-                or _error_code(answer) is not None
+                or error_code(answer) is not None
                 or (
                     answer.headers.get("content-type") == "application/json"
                     and "error" in answer.json()
@@ -303,12 +291,11 @@ async def burst(port: int, tally: Tally) -> None:
     tokens = 16
 
     async def one(i: int) -> None:
-        async with http_client(port, connections=1) as client:
-            client.headers.update(AUTH)
-            outcome = await send(client, "b", prompt_text(i), tokens)
+        async with loopback_client(port, 1, headers=AUTH) as client:
+            outcome = await complete(client, "b", prompt_text(i), tokens)
         if outcome.status == 503 and outcome.code == "queue_full" and outcome.retry_after:
             tally.overload["refused"] += 1
-        elif (problem := check_complete(outcome, tokens)) is None:
+        elif (problem := outcome.problem(tokens)) is None:
             tally.overload["admitted"] += 1
         else:
             tally.overload["wrong"] += 1
@@ -344,7 +331,7 @@ def role_of(proc: psutil.Process, api_pid: int, workers: dict[int, str]) -> str:
     return f"{kind} {proc.pid}"
 
 
-def sample_processes(server: Server, workers: dict[int, str]) -> dict[int, ProcessSample]:
+def sample_processes(server: RunningServer, workers: dict[int, str]) -> dict[int, ProcessSample]:
     """Every process of the server; `workers` names the loaded models' worker pids."""
     api = psutil.Process(server.proc.pid)
     samples: dict[int, ProcessSample] = {}
@@ -359,7 +346,9 @@ def sample_processes(server: Server, workers: dict[int, str]) -> dict[int, Proce
     return samples
 
 
-async def sample_rss_loop(server: Server, deadline: float, trace: list[dict[str, Any]]) -> None:
+async def sample_rss_loop(
+    server: RunningServer, deadline: float, trace: list[dict[str, Any]]
+) -> None:
     start = time.monotonic()
     while time.monotonic() < deadline:
         samples = sample_processes(server, {})
@@ -375,11 +364,13 @@ async def sample_rss_loop(server: Server, deadline: float, trace: list[dict[str,
 # -- the run ---------------------------------------------------------------------------------
 
 
-async def traffic(server: Server, port: int, seconds: float, tally: Tally, seed: int) -> list[dict]:
+async def traffic(
+    server: RunningServer, port: int, seconds: float, tally: Tally, seed: int
+) -> list[dict]:
     """Every kind of client at once for `seconds`; all connections closed when it returns."""
     deadline = time.monotonic() + seconds
     trace: list[dict[str, Any]] = []
-    async with http_client(port, connections=32) as client:
+    async with loopback_client(port, 32) as client:
         await asyncio.gather(
             *(good_loop(client, deadline, seed + i, tally) for i in range(GOOD_LOOPS)),
             bad_loop(client, deadline, port, tally),
@@ -391,11 +382,10 @@ async def traffic(server: Server, port: int, seconds: float, tally: Tally, seed:
 
 
 async def quiet_sample(
-    server: Server, port: int
+    server: RunningServer, port: int
 ) -> tuple[dict[int, ProcessSample], dict[str, int], dict[int, str]]:
     """Wait until the server has nothing in flight, then sample every process."""
-    async with http_client(port, connections=1) as client:
-        client.headers.update(AUTH)
+    async with loopback_client(port, 1, headers=AUTH) as client:
         for _ in range(100):
             stats = (await client.get("/stats")).json()
             in_system = {  # admitted by the API, and still known to the worker
@@ -412,14 +402,12 @@ async def quiet_sample(
 
 async def model_workers(port: int) -> dict[int, str]:
     """Worker pid -> model, from /stats."""
-    async with http_client(port, connections=1) as client:
+    async with loopback_client(port, 1) as client:
         stats = (await client.get("/stats", headers=AUTH)).json()
     return {s["worker_pid"]: m for m, s in stats["models"].items() if s["worker_pid"]}
 
 
-async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
-    async with http_client(args.port) as client:
-        await wait_ready(client, server, loaded=list(MODELS))
+async def soak(args: argparse.Namespace, server: RunningServer) -> dict[str, Any]:
     ready_workers = await model_workers(args.port)
     console.print(f"warm-up: {args.warmup:.0f} s of the full mix")
     warm = Tally()
@@ -431,7 +419,7 @@ async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     trace = await traffic(server, args.port, args.duration, tally, seed=2)
     elapsed = time.monotonic() - began
     end, in_system, end_workers = await quiet_sample(server, args.port)
-    async with http_client(args.port) as client:
+    async with loopback_client(args.port) as client:
         health = (await client.get("/health")).status_code
     return {
         "seconds": round(elapsed, 1),
@@ -521,14 +509,16 @@ def render(result: dict[str, Any], checks: Sequence[tuple[str, bool, str]]) -> T
     table.add_column("result")
     table.add_column("numbers")
     for name, ok, numbers in checks:
-        table.add_row(name, "[green]PASS[/green]" if ok else "[red]FAIL[/red]", numbers)
+        table.add_row(name, verdict(ok, miss="FAIL"), numbers)
     cancelled = ", ".join(f"{v} {k}" for k, v in merged(result, "cancelled").items())
     table.add_row("cancelled requests", "", cancelled)
     return table
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--duration", type=float, default=120.0, help="soak seconds")
     parser.add_argument("--warmup", type=float, default=20.0, help="seconds before the baseline")
     parser.add_argument("--threads", type=int, default=2)
@@ -540,11 +530,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if port_taken(args.port):
+        return 2
     models = [model_table(name, **SHAPE, **fields) for name, fields in MODELS.items()]
     server_fields = {"api_keys": [KEY], "max_body_bytes": BODY_LIMIT}
+    config = config_text(args.threads, models, server_fields=server_fields)
     with (
         tempfile.TemporaryDirectory(prefix="multiserve-soak-") as tmp,
-        fleet_server(args, Path(tmp), "soak", models, server_fields=server_fields) as server,
+        serving_config("soak", config, Path(tmp), args.port, loaded=list(MODELS)) as server,
     ):
         result = asyncio.run(soak(args, server))
     checks = verdicts(result)
@@ -559,4 +552,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_benchmark(main)

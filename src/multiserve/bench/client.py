@@ -15,6 +15,7 @@ import itertools
 import json
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -90,7 +91,8 @@ class RequestRecord:
 
 
 class StreamFailure(Exception):
-    """Raised inside `_attempt` only, turned into a record's error by `send`."""
+    """A stream that is not a complete answer (`kind`, as in RequestError); `send` turns it into
+    a record's error."""
 
     def __init__(self, kind: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -178,7 +180,7 @@ def _error_message(body: bytes) -> str:
     return text.strip()
 
 
-def _content(choice: dict[str, Any], endpoint: Endpoint) -> str:
+def choice_text(choice: dict[str, Any], endpoint: Endpoint) -> str:
     """Generated text of a chunk's choice; reasoning models stream tokens in reasoning fields."""
     if endpoint == "completions":
         text = choice.get("text")
@@ -188,6 +190,47 @@ def _content(choice: dict[str, Any], endpoint: Endpoint) -> str:
         return ""
     parts = [delta.get(k) for k in ("content", "reasoning_content", "reasoning")]
     return "".join(p for p in parts if isinstance(p, str))
+
+
+async def stream_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an OpenAI-style event stream, in order, up to `data: [DONE]`.
+
+    One strict reader for every client of a stream (this load tester and the repository's
+    benchmarks): raises StreamFailure on a line that is not SSE, data that is not a JSON object,
+    an error event, or a stream that ends before [DONE], so that nothing passes as an answer.
+    """
+    event = ""
+    async for line in response.aiter_lines():
+        if not line:
+            event = ""  # a blank line ends an SSE event
+            continue
+        if line.startswith(":"):
+            continue  # comment / keep-alive
+        field_name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field_name == "event":
+            event = value.strip()
+            continue
+        if field_name in ("id", "retry"):
+            continue
+        if field_name != "data":
+            raise StreamFailure("malformed_stream", f"not an SSE line: {line[:100]!r}")
+        if value.strip() == "[DONE]":
+            return
+        try:
+            data = json.loads(value)
+        except ValueError:
+            raise StreamFailure(
+                "malformed_stream", f"invalid JSON in stream: {value[:100]!r}"
+            ) from None
+        if not isinstance(data, dict):
+            raise StreamFailure("malformed_stream", f"stream data is not an object: {value!r}")
+        if event == "error" or "error" in data or data.get("object") == "error":
+            err = data.get("error", data)
+            message = err.get("message") if isinstance(err, dict) else err
+            raise StreamFailure("stream_error", str(message or value))
+        yield data
+    raise StreamFailure("malformed_stream", "stream ended before data: [DONE]")
 
 
 class BenchClient:
@@ -304,54 +347,24 @@ class BenchClient:
 
     async def _read_stream(self, response: httpx.Response, record: RequestRecord) -> None:
         endpoint = self.options.endpoint
-        event = ""
         usage: dict[str, Any] | None = None
-        async for line in response.aiter_lines():
-            if not line:
-                event = ""  # a blank line ends an SSE event
-                continue
-            if line.startswith(":"):
-                continue  # comment / keep-alive
-            field_name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field_name == "event":
-                event = value.strip()
-                continue
-            if field_name in ("id", "retry"):
-                continue
-            if field_name != "data":
-                raise StreamFailure("malformed_stream", f"not an SSE line: {line[:100]!r}")
-            if value.strip() == "[DONE]":
-                if record.finish_reason is None:
-                    # e.g. llama-cpp-python's server cuts a stream when a new request arrives
-                    # (interrupt_requests) and still sends [DONE]: not a complete answer.
-                    raise StreamFailure(
-                        "malformed_stream", "stream ended without a finish_reason (cut short?)"
-                    )
-                self._finish(record, usage)
-                return
-            try:
-                data = json.loads(value)
-            except ValueError:
-                raise StreamFailure(
-                    "malformed_stream", f"invalid JSON in stream: {value[:100]!r}"
-                ) from None
-            if not isinstance(data, dict):
-                raise StreamFailure("malformed_stream", f"stream data is not an object: {value!r}")
-            if event == "error" or "error" in data or data.get("object") == "error":
-                err = data.get("error", data)
-                message = err.get("message") if isinstance(err, dict) else err
-                raise StreamFailure("stream_error", str(message or value))
+        async for data in stream_events(response):
             choices = data.get("choices") or []
             if choices and isinstance(choices[0], dict):
                 choice = choices[0]
-                if _content(choice, endpoint):
+                if choice_text(choice, endpoint):
                     record.chunk_times.append(time.perf_counter())
                 if choice.get("finish_reason"):
                     record.finish_reason = choice["finish_reason"]
             if isinstance(data.get("usage"), dict):
                 usage = data["usage"]
-        raise StreamFailure("malformed_stream", "stream ended before data: [DONE]")
+        if record.finish_reason is None:
+            # e.g. llama-cpp-python's server cuts a stream when a new request arrives
+            # (interrupt_requests) and still sends [DONE]: not a complete answer.
+            raise StreamFailure(
+                "malformed_stream", "stream ended without a finish_reason (cut short?)"
+            )
+        self._finish(record, usage)
 
     @staticmethod
     def _finish(record: RequestRecord, usage: dict[str, Any] | None) -> None:
