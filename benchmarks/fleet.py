@@ -57,10 +57,10 @@ Why it is built this way:
 Requests are streamed `/v1/completions` with `ignore_eos` and greedy sampling, so every admitted
 request produces exactly `max_tokens` tokens. Aggregate throughput is total completion tokens over
 the wall time from sending the first request to the last one finishing (prefill included). The
-flood's refusal latency is from sending a request to having read its whole 503 response, on
-connections opened beforehand, one httpx client per request (a single pool's own overhead with 60
-requests in flight is ten times the target). Only loopback traffic: the servers bind 127.0.0.1
-and the client ignores proxy settings.
+flood's refusal latency is from writing a request to having read its whole 503 response, over
+raw sockets opened beforehand with each request's bytes built beforehand (an HTTP library's own
+CPU per request, 60 times over in one event loop, would be charged to the server). Only loopback
+traffic: the servers bind 127.0.0.1 and the client ignores proxy settings.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -100,9 +100,10 @@ from benchmarks.common.noise import (
 from benchmarks.common.output import console, out
 from benchmarks.common.page_cache import drop_pages, resident_fraction
 from benchmarks.common.prompts import prompt_text
+from benchmarks.common.raw_http import RawReply, connections, exchange, request_bytes
 from benchmarks.common.second_model import q8_model
 from benchmarks.common.servers import RunningServer, port_taken, run_benchmark
-from benchmarks.common.sse import Streamed, complete, loopback_client
+from benchmarks.common.sse import EXACT_GREEDY, Streamed, complete, loopback_client
 from benchmarks.common.verdict import add_no_fail, exit_status, runs_text, target_table, verdict
 from multiserve.config import EMBEDDED_MODEL, ModelSpec
 from multiserve.models.default import default_model_path
@@ -398,33 +399,32 @@ def summarize_cold(result: dict[str, Any]) -> dict[str, Any]:
 # -- 3. flood --------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def connected_clients(port: int, n: int) -> AsyncIterator[list[httpx.AsyncClient]]:
-    """`n` clients of one open connection each.
-
-    One client per request, because a single httpx pool with 60 requests in flight spends
-    hundreds of milliseconds of its own CPU arbitrating them (measured here: a 404 flood took
-    p50 360 ms through one pool, 35 ms through 60), which would be charged to the server. The
-    connections are opened beforehand so the flood measures the server, not TCP handshakes.
-    """
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(loopback_client(port, 1)) for _ in range(n)]
-        await asyncio.gather(*(c.get("/health") for c in clients))
-        yield clients
-
-
 async def flood_round(server: RunningServer, n: int) -> dict[str, Any]:
+    """One full request first (the model is warm), then `n` at once, each on a connection
+    opened beforehand with its bytes built beforehand (raw sockets: an HTTP library's own CPU
+    per request, 60 times over in one event loop, would be charged to the server)."""
     async with loopback_client(server.port) as client:
         first = await complete(client, "flood", prompt_text(0), FLOOD_TOKENS)
         require_complete([first], FLOOD_TOKENS)
-        async with connected_clients(server.port, n) as clients:
-            jobs = [
-                complete(c, "flood", prompt_text(30_000 + i), FLOOD_TOKENS)
-                for i, c in enumerate(clients)
-            ]
-            outcomes = await asyncio.gather(*jobs)
+        requests = [
+            request_bytes("POST", "/v1/completions", flood_body(prompt_text(30_000 + i)))
+            for i in range(n)
+        ]
+        async with connections(server.port, n) as opened:
+            replies = await asyncio.gather(*map(exchange, opened, requests))
         stats = (await client.get("/stats")).json()["models"]["flood"]["requests"]
-    return {"outcomes": outcomes, "stats": stats}
+    return {"replies": replies, "stats": stats}
+
+
+def flood_body(prompt: str) -> dict[str, object]:
+    return {
+        "model": "flood",
+        "prompt": prompt,
+        "max_tokens": FLOOD_TOKENS,
+        **EXACT_GREEDY,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def measure_flood(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -436,20 +436,28 @@ def measure_flood(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         return {"config": config, **asyncio.run(flood_round(server, n))}
 
 
-def _is_refusal(outcome: Streamed) -> bool:
-    return outcome.status == 503 and outcome.code == "queue_full" and bool(outcome.retry_after)
+def _is_refusal(reply: RawReply) -> bool:
+    return (
+        reply.status == 503
+        and reply.error_code() == "queue_full"
+        and "retry-after" in reply.headers
+    )
 
 
 def summarize_flood(result: dict[str, Any]) -> dict[str, Any]:
-    outcomes: list[Streamed] = result["outcomes"]
-    admitted = [o for o in outcomes if o.status == 200]
-    refused = [o for o in outcomes if _is_refusal(o)]
-    others = [o for o in outcomes if o.status != 200 and not _is_refusal(o)]
-    incomplete = [p for o in admitted if (p := o.problem(FLOOD_TOKENS)) is not None]
-    latencies = [o.response_s for o in refused]
+    replies: list[RawReply] = result["replies"]
+    admitted = [r for r in replies if r.status == 200]
+    refused = [r for r in replies if _is_refusal(r)]
+    others = [r for r in replies if r.status != 200 and not _is_refusal(r)]
+    incomplete = [
+        f"{tokens} of {FLOOD_TOKENS} tokens"
+        for r in admitted
+        if (tokens := r.streamed_tokens()) != FLOOD_TOKENS
+    ]
+    latencies = [r.seconds for r in refused]
     max_s = max(latencies, default=0.0)
     return {
-        "sent": len(outcomes),
+        "sent": len(replies),
         "capacity": FLOOD_SLOTS + FLOOD_QUEUE_LIMIT,
         "admitted": len(admitted),
         "admitted_complete": len(admitted) - len(incomplete),
@@ -458,8 +466,11 @@ def summarize_flood(result: dict[str, Any]) -> dict[str, Any]:
         "refusal_max_s": max_s,
         "refusal_p99_s": float(np.percentile(latencies, 99)) if latencies else 0.0,
         "refusal_p50_s": float(np.percentile(latencies, 50)) if latencies else 0.0,
-        "retry_after_values": sorted({o.retry_after for o in refused if o.retry_after}),
-        "other_statuses": [f"{o.status} {o.code} retry-after={o.retry_after}" for o in others],
+        "retry_after_values": sorted({r.headers["retry-after"] for r in refused}),
+        "other_statuses": [
+            f"{r.status} {r.error_code()} retry-after={r.headers.get('retry-after')}"
+            for r in others
+        ],
         "server_refused_count": result["stats"].get("refused"),
         "passed": not incomplete and not others and bool(refused) and max_s < TARGET_REFUSAL_S,
     }
@@ -758,6 +769,8 @@ def _jsonable(value: object) -> object:
     if isinstance(value, Streamed):  # the text left out: the report is about timing
         fields = {k: v for k, v in asdict(value).items() if k != "text"}
         return fields | {"response_s": value.response_s, "ttft_s": value.ttft}
+    if isinstance(value, RawReply):  # likewise the body
+        return {"status": value.status, "seconds": value.seconds, "headers": value.headers}
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 

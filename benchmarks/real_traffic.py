@@ -53,8 +53,8 @@ from rich.table import Table
 from benchmarks.common import sse
 from benchmarks.common.equal_work import Work, judged, work_notes
 from benchmarks.common.output import out
+from benchmarks.common.raw_http import raw_request
 from benchmarks.common.servers import (
-    HOST,
     ServerCommand,
     llama_server_command,
     multiserve_command,
@@ -243,21 +243,6 @@ async def sampled(client: httpx.AsyncClient, results: Results, repeats: int = 5)
         results.figures[f"{name}: tok/s"] = statistics.median(values)
 
 
-async def _raw_request(port: int, method: str, path: str, body: bytes = b"") -> bytes:
-    """One HTTP/1.1 request over a fresh socket, the whole response returned. Raw sockets keep
-    the load generator's own cost per request far below the server's, so a burst measures the
-    server and not the client's HTTP library."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n"
-    if body:
-        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    writer.write(head.encode() + b"\r\n" + body)
-    try:
-        return await reader.read(-1)
-    finally:
-        writer.close()
-
-
 async def saturation(client: httpx.AsyncClient, results: Results, bursts: int = 3) -> None:
     """200 streams at once against 8 slots and a queue of 32: one burst to warm the refusal
     path up, then `bursts` measured ones; the worst of them is reported."""
@@ -276,20 +261,17 @@ async def saturation(client: httpx.AsyncClient, results: Results, bursts: int = 
             "ignore_eos": True,
             "stream": True,
         }
-        start = time.perf_counter()
-        response = await _raw_request(port, "POST", "/v1/completions", json.dumps(body).encode())
-        if response.startswith(b"HTTP/1.1 503"):
-            refusals.append(time.perf_counter() - start)
-        elif response.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in response:
+        reply = await raw_request(port, "POST", "/v1/completions", body)
+        if reply.status == 503:
+            refusals.append(reply.seconds)
+        elif reply.status == 200 and b"data: [DONE]" in reply.body:
             completed += 1
         else:
             failed += 1
 
     async def probe() -> None:
         while running:
-            start = time.perf_counter()
-            await _raw_request(port, "GET", "/health")
-            health.append(time.perf_counter() - start)
+            health.append((await raw_request(port, "GET", "/health")).seconds)
             await asyncio.sleep(0.05)
 
     await asyncio.gather(*(one(i) for i in range(200)))  # warm-up

@@ -13,9 +13,9 @@ Why it is built this way:
   tens of percent from one minute to the next; "the server reaches 95% of what llama.cpp itself
   does on this machine, right now" survives that noise, while "N tokens/s" does not.
 * Anchor and server take turns: three rounds of raw llama.cpp (in a fresh process, the server
-  idle) then the server doing the same work, and a ratio is the median of the three rounds'
-  ratios, so drift between minutes does not land on one side of it. Medians of each side are
-  printed too.
+  idle) and the server doing the same work, the side that goes first alternating, and a ratio
+  is the median of the three rounds' ratios, so neither drift between minutes nor an order
+  effect lands on one side of it. Medians of each side are printed too.
 * Noise is measured, not only suffered: the CPU time that neither this benchmark nor its
   children used (other processes, hypervisor steal) is printed per phase, and PASS/MISS get a
   "?" when it exceeds 5%.
@@ -190,13 +190,30 @@ async def concurrent_round(
     }
 
 
+async def anchor_round(
+    model: Path, threads: int, args: argparse.Namespace, anchor: dict[str, list[float]], i: int
+) -> None:
+    """One round of raw llama.cpp (1 sequence, a batch of N) in a fresh process, added to
+    `anchor`."""
+    raw = await asyncio.to_thread(
+        in_fresh_process, run_anchor, str(model), threads, args.tokens, args.concurrency, 1
+    )
+    anchor["single_tok_s"] += raw["single_tok_s"]
+    anchor["batched_tok_s"] += raw["batched_tok_s"]
+    console.print(
+        f"anchor, round {i + 1}: {raw['single_tok_s'][0]:.1f} tok/s at 1, "
+        f"{raw['batched_tok_s'][0]:.1f} at {args.concurrency}"
+    )
+
+
 async def measure_server(
     server: RunningServer, model: Path, threads: int, args: argparse.Namespace, sampled: bool
 ) -> dict[str, Any]:
     """REPEATS rounds of: raw llama.cpp (1 sequence, a batch of N) in a fresh process while the
-    server idles, then the server (1 stream; N streams), greedy; then (if `sampled`) the
-    server's default sampling. Interleaving pairs each server figure with an anchor measured a
-    moment before it, so drift between minutes does not land on one side of a ratio."""
+    server idles, and the server (1 stream; N streams), greedy, the first side alternating;
+    then (if `sampled`) the server's default sampling. Interleaving pairs each server figure
+    with an anchor measured a moment apart, so drift between minutes does not land on one side
+    of a ratio."""
     tokens, concurrency = args.tokens, args.concurrency
     console.print(f"server: model loaded after {server.ready_s:.1f}s; warming up")
     work = Work()  # the measured requests' tokens against what they asked for
@@ -211,16 +228,10 @@ async def measure_server(
             singles: list[Streamed] = []
             rounds: list[dict[str, float]] = []
             for i in range(REPEATS):
-                if not kind:
-                    raw = await asyncio.to_thread(
-                        in_fresh_process, run_anchor, str(model), threads, tokens, concurrency, 1
-                    )
-                    anchor["single_tok_s"] += raw["single_tok_s"]
-                    anchor["batched_tok_s"] += raw["batched_tok_s"]
-                    console.print(
-                        f"anchor, round {i + 1}: {raw['single_tok_s'][0]:.1f} tok/s at 1, "
-                        f"{raw['batched_tok_s'][0]:.1f} at {concurrency}"
-                    )
+                # the side that goes first alternates, so an order effect cancels out
+                anchor_first = not kind and i % 2 == 0
+                if anchor_first:
+                    await anchor_round(model, threads, args, anchor, i)
                 prompt = prompt_text(next(next_prompt))
                 singles.append(await stream_completion(client, prompt, tokens, work, sampling))
                 prompts = [prompt_text(next(next_prompt)) for _ in range(concurrency)]
@@ -229,6 +240,8 @@ async def measure_server(
                     f"server {kind}round {i + 1}: {singles[-1].decode_tok_s:.1f} tok/s at 1, "
                     f"{rounds[-1]['decode_tok_s']:.1f} at {concurrency}"
                 )
+                if not kind and not anchor_first:
+                    await anchor_round(model, threads, args, anchor, i)
             result[f"{kind}single_tok_s"] = [r.decode_tok_s for r in singles]
             result[f"{kind}single_ttft_s"] = [r.ttft for r in singles]
             result[f"{kind}concurrent_tok_s"] = [r["decode_tok_s"] for r in rounds]
