@@ -49,7 +49,7 @@ from rich.table import Table
 
 from benchmarks.common.machine import machine_info
 from benchmarks.common.multiserve_config import config_text, model_table, serving_config
-from benchmarks.common.output import console
+from benchmarks.common.output import console, out
 from benchmarks.common.prompts import prompt_text
 from benchmarks.common.servers import HOST, RunningServer, port_taken, run_benchmark
 from benchmarks.common.sse import complete, error_code, loopback_client, stream
@@ -543,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks = verdicts(result)
     result["machine"] = machine_info()
     result["checks"] = [{"check": n, "pass": ok, "numbers": s} for n, ok, s in checks]
-    console.print(render(result, checks))
+    out.print(render(result, checks))
     for failure in result["warmup"]["failures"] + result["tally"]["failures"]:
         console.print(f"[red]{failure}[/red]")
     if args.out:
