@@ -138,6 +138,8 @@ class ChatTemplate:
 
 # How a template may pass a content through: as given, or trimmed (Jinja's `trim`, Python's strip)
 _FORMS = (str, str.strip, str.rstrip, str.lstrip)
+# The segments chosen so far, newest first, as a linked list: extending it copies nothing
+_Trail = tuple[PromptSegment, "_Trail"] | None
 
 
 def _align(
@@ -149,14 +151,18 @@ def _align(
     user's), trying the forms in order and backtracking when a later piece no longer fits.
     """
     # Depth-first over (piece index, position in `rendered`), iterative: chats can be long.
-    stack: list[tuple[int, int, tuple[PromptSegment, ...]]] = [(0, 0, ())]
+    stack: list[tuple[int, int, _Trail]] = [(0, 0, None)]
     seen: set[tuple[int, int]] = set()
     while stack:
         index, at, path = stack.pop()
         if index == len(pieces):
-            if at == len(rendered):
-                return list(path)
-            continue
+            if at != len(rendered):
+                continue
+            segments: list[PromptSegment] = []
+            while path is not None:
+                segment, path = path
+                segments.append(segment)
+            return segments[::-1]
         if (index, at) in seen:
             continue
         seen.add((index, at))
@@ -167,8 +173,7 @@ def _align(
             options = [(text, False) for text in dict.fromkeys(f(contents[piece]) for f in _FORMS)]
         for text, special in reversed(options):  # the first form is tried first
             if rendered.startswith(text, at):
-                segment = PromptSegment(text, special=special)
-                stack.append((index + 1, at + len(text), (*path, segment)))
+                stack.append((index + 1, at + len(text), (PromptSegment(text, special), path)))
     return None
 
 
