@@ -21,7 +21,7 @@ from multiserve.config import ModelSpec
 from multiserve.engine.runtime import context_params
 from multiserve.fleet.gguf_header import read_header
 from multiserve.fleet.manager import worker_config
-from multiserve.fleet.memory import estimate_memory
+from multiserve.fleet.memory import MemoryEstimate, estimate_memory
 from multiserve.models.default import default_model_path
 from tiny_gguf import write_tiny_model
 
@@ -76,6 +76,15 @@ def _allocated_mib(path: Path, spec: ModelSpec, log: list[str]) -> tuple[float, 
     return total("KV"), total("compute")
 
 
+def _estimated_and_allocated(
+    path: Path, log: list[str], **shape: object
+) -> tuple[MemoryEstimate, float, float]:
+    """The estimate for a model table of `shape`, and the (KV, compute) MiB llama.cpp allocates."""
+    spec = ModelSpec(id="m", path=path, **shape)
+    kv, compute = _allocated_mib(path, spec, log)
+    return estimate_memory(read_header(path), spec), kv, compute
+
+
 @pytest.mark.parametrize(
     ("kv_cache_type", "n_ctx", "n_parallel", "flash_attn"),
     [
@@ -93,26 +102,24 @@ def test_kv_estimate_is_the_kv_cache_llama_cpp_allocates(
     n_parallel: int,
     flash_attn: bool,
 ) -> None:
-    spec = ModelSpec(
-        id="m",
-        path=kv_model,
+    estimate, kv, _ = _estimated_and_allocated(
+        kv_model,
+        llama_log,
         n_ctx=n_ctx,
         n_parallel=n_parallel,
         kv_cache_type=kv_cache_type,
         flash_attn=flash_attn,
         step_tokens=64,
     )
-    estimate = estimate_memory(read_header(kv_model), spec)
-    kv, _ = _allocated_mib(kv_model, spec, llama_log)
     assert estimate.kv_cache / MIB == pytest.approx(kv, abs=0.006)  # the log rounds to 0.01 MiB
 
 
 def test_kv_estimate_of_the_sliding_window_default_model(llama_log: list[str]) -> None:
     """Gemma 3 has sliding-window layers (a KV cache of their own): at full size by default."""
     path = default_model_path(show_progress=False)
-    spec = ModelSpec(id="gemma", path=path, n_ctx=1024, n_parallel=2, step_tokens=64)
-    estimate = estimate_memory(read_header(path), spec)
-    kv, _ = _allocated_mib(path, spec, llama_log)
+    estimate, kv, _ = _estimated_and_allocated(
+        path, llama_log, n_ctx=1024, n_parallel=2, step_tokens=64
+    )
     assert estimate.kv_cache / MIB == pytest.approx(kv, abs=0.006)
 
 
@@ -131,16 +138,14 @@ def test_compute_estimate_is_within_15_percent_above_llama_cpps(
     """What fleet/memory.py promises: the tiny model's step is its attention scores, the
     default model's (262k vocabulary) its logits."""
     path = kv_model if which == "tiny" else default_model_path(show_progress=False)
-    spec = ModelSpec(
-        id="m",
-        path=path,
+    estimate, _, compute = _estimated_and_allocated(
+        path,
+        llama_log,
         n_ctx=n_ctx,
         n_parallel=n_parallel,
         step_tokens=step_tokens,
         flash_attn=flash_attn,
     )
-    estimate = estimate_memory(read_header(path), spec)
-    _, compute = _allocated_mib(path, spec, llama_log)
     assert compute <= estimate.compute / MIB <= 1.15 * compute
 
 
