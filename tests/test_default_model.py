@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import pytest
 from openai import AsyncOpenAI
 
@@ -171,3 +172,32 @@ def test_request_without_max_tokens_gets_the_embedded_models_ceiling(default_ser
     )
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == EMBEDDED_MAX_TOKENS
+
+
+def test_default_model_makes_a_schema_valid_tool_call(default_server) -> None:
+    """Gemma 3's template knows no tools: the generic layout, held from the first token, makes
+    even this small base model return a call whose arguments match the schema."""
+    parameters = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+        "required": ["city", "unit", "days"],
+    }
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
+    reply = default_server.openai.chat.completions.create(
+        model=DEFAULT_MODEL_ID,
+        messages=[{"role": "user", "content": "What is the weather in Paris for 3 days?"}],
+        tools=[tool],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=80,
+        temperature=0,
+    )
+    answer = reply.choices[0]
+    assert answer.finish_reason == "tool_calls"
+    [call] = answer.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), parameters)

@@ -165,7 +165,7 @@ def test_bias_and_penalties_change_the_logits_as_llama_cpp_does() -> None:
         presence_penalty=0.7,
         logit_bias=((5, 3.0), (6, -2.5), (7, 1.0)),
     )
-    sampler = ChoiceSampler(params, seed=1, chain=None)
+    sampler = ChoiceSampler(params, seed=1, guard=None)
     history = [int(t) for t in rng.integers(0, 20, size=90)]  # more than the 64-token window
     sampler.history.extend(history)
     ours = logits.copy()

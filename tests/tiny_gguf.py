@@ -38,6 +38,8 @@ __all__ = [
     "TOKENS",
     "TOKEN_TO_ID",
     "TOKEN_TYPES",
+    "TOOL_CALLS_ID",
+    "TOOL_CALL_OPEN_ID",
     "UNK_ID",
     "byte_token_id",
     "write_tiny_model",
@@ -59,6 +61,8 @@ BYTE_OFFSET = 3  # <0x00> has id 3, <0xFF> has id 258
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALLS = "[TOOL_CALLS]"
 
 # A few dozen common English words; each one becomes "▁word" (plus the prefix chain
 # "▁w", "▁wo", ... so SentencePiece-style bigram merging can actually reach it).
@@ -113,6 +117,11 @@ def _build_vocab() -> tuple[list[str], list[float], list[int]]:
 
     add(START_OF_TURN, TokenType.CONTROL)
     add(END_OF_TURN, TokenType.CONTROL)
+    # Tool-call markers as their families' vocabularies have them: Qwen's are user-defined
+    # (always shown as text), Mistral's is a control token.
+    add(TOOL_CALL_OPEN, TokenType.USER_DEFINED)
+    add("</tool_call>", TokenType.USER_DEFINED)
+    add(TOOL_CALLS, TokenType.CONTROL)
     return tokens, scores, types
 
 
@@ -126,6 +135,8 @@ TOKEN_TO_ID: dict[str, int] = {t: i for i, t in enumerate(TOKENS)}
 N_VOCAB = len(TOKENS)
 START_OF_TURN_ID = TOKEN_TO_ID[START_OF_TURN]
 END_OF_TURN_ID = TOKEN_TO_ID[END_OF_TURN]
+TOOL_CALL_OPEN_ID = TOKEN_TO_ID[TOOL_CALL_OPEN]
+TOOL_CALLS_ID = TOKEN_TO_ID[TOOL_CALLS]
 assert len(TOKEN_TO_ID) == N_VOCAB, "duplicate token in tiny vocab"
 
 

@@ -11,6 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from multiserve.engine.protocol import TokenLogprob
+from multiserve.tools.layouts import ToolLayout
+from multiserve.tools.parsing import CallDelta, ToolCall, ToolCallReader
 
 
 @dataclass
@@ -62,9 +64,10 @@ class WireFormat:
     def opening_chunks(self, n: int) -> list[dict]:
         return []
 
-    def chunk(
+    def chunks(
         self, index: int, text: str, logprobs: tuple[TokenLogprob, ...], finish_reason: str | None
-    ) -> dict:
+    ) -> list[dict]:
+        """The stream chunks for one choice's new text (and its end, if `finish_reason`)."""
         raise NotImplementedError
 
     def usage_chunk(self, usage: Usage) -> dict:
@@ -86,6 +89,11 @@ class ChatFormat(WireFormat):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
+
+    def __init__(self, model: str, want_logprobs: bool, tools: ToolLayout | None = None) -> None:
+        super().__init__(model, want_logprobs)
+        self.tools = tools  # the layout to read tool calls in, if the model may call tools
+        self._readers: dict[int, ToolCallReader] = {}
 
     def _logprobs(self, items: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dict | None:
         if not self.want_logprobs:
@@ -122,8 +130,7 @@ class ChatFormat(WireFormat):
             for i in range(n)
         ]
 
-    def chunk(self, index, text, logprobs, finish_reason) -> dict:
-        delta = {"content": text} if text else {}
+    def _chunk(self, index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
         return self._envelope(
             self.chunk_object_name,
             [
@@ -136,13 +143,68 @@ class ChatFormat(WireFormat):
             ],
         )
 
+    def chunks(self, index, text, logprobs, finish_reason) -> list[dict]:
+        if self.tools is None:
+            delta = {"content": text} if text else {}
+            return [self._chunk(index, delta, logprobs, finish_reason)]
+        reader = self._readers.setdefault(index, ToolCallReader(self.tools))
+        parsed = reader.feed(text)
+        if finish_reason is not None:
+            tail = reader.finish()
+            parsed.content += tail.content
+            parsed.calls += tail.calls
+        out = []
+        if parsed.content or logprobs:
+            delta = {"content": parsed.content} if parsed.content else {}
+            out.append(self._chunk(index, delta, logprobs))
+        out += [self._chunk(index, {"tool_calls": [_call_delta(c)]}) for c in parsed.calls]
+        if finish_reason is not None:
+            out.append(self._chunk(index, {}, None, _finish(finish_reason, reader.calls)))
+        return out
+
     def _choice(self, index: int, result: ChoiceResult) -> dict:
+        text = "".join(result.text)
+        message: dict = {"role": "assistant", "content": text, "refusal": None}
+        finish_reason = result.finish_reason
+        if self.tools is not None:
+            reader = ToolCallReader(self.tools)
+            content = reader.feed(text).content + reader.finish().content
+            message["content"] = content
+            if reader.calls:
+                message["content"] = content if content.strip() else None
+                message["tool_calls"] = [_call(call) for call in reader.calls]
+                finish_reason = _finish(finish_reason, reader.calls)
         return {
             "index": index,
-            "message": {"role": "assistant", "content": "".join(result.text), "refusal": None},
+            "message": message,
             "logprobs": self._logprobs(result.logprobs),
-            "finish_reason": result.finish_reason,
+            "finish_reason": finish_reason,
         }
+
+
+def _finish(reason: str | None, calls: list[ToolCall]) -> str | None:
+    """OpenAI's reason for an answer that ended after calling tools."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _call(call: ToolCall) -> dict:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _call_delta(delta: CallDelta) -> dict:
+    """A streamed piece of a call: first its id and name, then fragments of its arguments."""
+    if delta.id is None:
+        return {"index": delta.index, "function": {"arguments": delta.arguments}}
+    return {
+        "index": delta.index,
+        "id": delta.id,
+        "type": "function",
+        "function": {"name": delta.name, "arguments": delta.arguments},
+    }
 
 
 class TextFormat(WireFormat):
@@ -166,18 +228,14 @@ class TextFormat(WireFormat):
             "text_offset": offsets,
         }
 
-    def chunk(self, index, text, logprobs, finish_reason) -> dict:
-        return self._envelope(
-            self.chunk_object_name,
-            [
-                {
-                    "index": index,
-                    "text": text,
-                    "logprobs": self._logprobs(logprobs) if logprobs else None,
-                    "finish_reason": finish_reason,
-                }
-            ],
-        )
+    def chunks(self, index, text, logprobs, finish_reason) -> list[dict]:
+        choice = {
+            "index": index,
+            "text": text,
+            "logprobs": self._logprobs(logprobs) if logprobs else None,
+            "finish_reason": finish_reason,
+        }
+        return [self._envelope(self.chunk_object_name, [choice])]
 
     def _choice(self, index: int, result: ChoiceResult) -> dict:
         return {

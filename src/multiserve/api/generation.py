@@ -197,7 +197,9 @@ async def _stream(
             if delta.finish_reason:
                 reasons.append(delta.finish_reason)
             if delta.text or delta.finish_reason or delta.logprobs:
-                yield _sse(fmt.chunk(delta.index, delta.text, delta.logprobs, delta.finish_reason))
+                chunks = fmt.chunks(delta.index, delta.text, delta.logprobs, delta.finish_reason)
+                for chunk in chunks:
+                    yield _sse(chunk)
                 if delta.text:
                     tracker.delivered()
         usage = Usage(prompt_tokens, completion_tokens, group.cached_tokens)

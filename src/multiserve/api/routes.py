@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,7 +28,13 @@ from multiserve.api.schemas import ChatCompletionRequest, CompletionRequest, Sam
 from multiserve.api.security import API_KEY_SCOPE
 from multiserve.config import Settings
 from multiserve.engine.client import EngineClient, RequestCut
-from multiserve.engine.protocol import Generate, SamplingParams, TextPrompt, TokenPrompt
+from multiserve.engine.protocol import (
+    Generate,
+    SamplingParams,
+    TextPrompt,
+    TokenPrompt,
+    ToolConstraint,
+)
 from multiserve.fleet.admission import Overloaded, Ticket
 from multiserve.fleet.manager import (
     Fleet,
@@ -37,6 +44,18 @@ from multiserve.fleet.manager import (
     ModelUnavailable,
 )
 from multiserve.templates.chat import ChatTemplateError, resolve_template
+from multiserve.tools.layouts import detect_layout, native_tools
+from multiserve.tools.prompting import template_messages
+
+
+@dataclass(frozen=True)
+class Built:
+    """A request made ready for the worker: its prompts, and how to read the answer."""
+
+    prompts: list[TextPrompt | TokenPrompt]
+    add_bos: bool
+    fmt: WireFormat
+    tools: ToolConstraint | None = None
 
 
 @dataclass
@@ -155,7 +174,11 @@ async def _engine(
 
 
 def _sampling(
-    entry: ModelEntry, body: SamplingRequest, max_tokens: int | None, logprobs: int | None
+    entry: ModelEntry,
+    body: SamplingRequest,
+    max_tokens: int | None,
+    logprobs: int | None,
+    tools: ToolConstraint | None,
 ) -> SamplingParams:
     """The request's sampling fields, with the model's configured defaults where it is silent."""
     given = body.model_fields_set
@@ -173,6 +196,7 @@ def _sampling(
         frequency_penalty=body.frequency_penalty,
         logit_bias=body.token_logit_bias(),
         json_schema=body.json_schema_text(),
+        tools=tools,
         max_tokens=max_tokens,
         stop=tuple(body.stop or ()),
         ignore_eos=body.ignore_eos,
@@ -189,19 +213,19 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
     try:
         deadline = arrived + entry.spec.queue_timeout
         engine = await _engine(state, request, entry, ticket, deadline)
-        built, add_bos, fmt = build(entry, engine)
-        params = _sampling(entry, body, body.token_limit, body.logprobs_count)
+        built: Built = build(entry, engine)
+        params = _sampling(entry, body, body.token_limit, body.logprobs_count, built.tools)
         generate_requests = [
             Generate(
                 request_id=uuid.uuid4().hex,
                 prompt=prompt,
                 n=body.n,
                 params=params,
-                add_bos=add_bos,
+                add_bos=built.add_bos,
                 queue_deadline=deadline,
                 cache_prompt=body.cache_prompt,
             )
-            for prompt in built
+            for prompt in built.prompts
         ]
     except APIError as exc:
         ticket.release()
@@ -219,7 +243,7 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
         request,
         engine,
         generate_requests,
-        fmt,
+        built.fmt,
         tracker,
         ticket,
         stream=body.stream,
@@ -231,7 +255,7 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
     "/v1/chat/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503)
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    def build(entry: ModelEntry, engine: EngineClient) -> tuple[list, bool, WireFormat]:
+    def build(entry: ModelEntry, engine: EngineClient) -> Built:
         info = engine.info
         template = resolve_template(
             info.chat_template,
@@ -241,17 +265,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             info.eos_token,
             entry.spec.chat_template,
         )
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.as_template_input() for m in body.messages]
+        tools = body.callable_tools()
+        listed = [tool.model_dump(exclude_none=True) for tool in tools]
+        layout = constraint = None
+        if tools or any(m.tool_calls or m.role == "tool" for m in body.messages):
+            layout = detect_layout(template.source, info.single_tokens)
+            native = native_tools(template.source, layout)
+            messages = template_messages(messages, layout, native, None if native else listed)
+            listed = listed if native else []
+        if tools:
+            schemas = tuple(
+                (t.function.name, json.dumps(t.function.parameters_schema())) for t in tools
+            )
+            constraint = ToolConstraint(
+                layout, schemas, body.call_required, body.parallel_tool_calls
+            )
         try:
-            segments = template.render_segments(messages, add_generation_prompt=True)
+            segments = template.render_segments(messages, True, listed or None)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages") from None
         first = segments[0] if segments else None
         starts_with_bos = bool(
             first and first.special and info.bos_token and first.text.startswith(info.bos_token)
         )
-        fmt = ChatFormat(body.model, want_logprobs=body.logprobs)
-        return [TextPrompt(tuple(segments))], not starts_with_bos, fmt
+        fmt = ChatFormat(body.model, body.logprobs, layout if tools else None)
+        return Built([TextPrompt(tuple(segments))], not starts_with_bos, fmt, constraint)
 
     return await _complete(request, body, 1, build)
 
@@ -262,8 +301,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         TextPrompt.completion(p) if isinstance(p, str) else TokenPrompt(p) for p in body.prompts
     ]
 
-    def build(entry: ModelEntry, engine: EngineClient) -> tuple[list, bool, WireFormat]:
-        return prompts, True, TextFormat(body.model, want_logprobs=body.logprobs is not None)
+    def build(entry: ModelEntry, engine: EngineClient) -> Built:
+        return Built(prompts, True, TextFormat(body.model, want_logprobs=body.logprobs is not None))
 
     return await _complete(request, body, len(prompts), build)
 

@@ -1,9 +1,9 @@
 """OpenAI request bodies, validated with pydantic; fields we do not serve are refused by name.
 
-OpenAI itself answers 400 to an argument it does not know, and a client that sends `tools` must
-learn we ignore them rather than get a silently tool-less answer. Fields we do not implement are
-still accepted at their no-op values (`echo: false`, `tools: []`, ...), because many clients send
-every field with its default.
+OpenAI itself answers 400 to an argument it does not know, and a client that sends `functions`
+must learn we ignore them rather than get a silently function-less answer. Fields we do not
+implement are still accepted at their no-op values (`echo: false`, `functions: []`, ...), because
+many clients send every field with its default.
 """
 
 from __future__ import annotations
@@ -34,10 +34,8 @@ NO_OP_VALUES = {
     "echo": "false",
     "best_of": "1",
     "suffix": '""',
-    "tools": "[] (tool calls are not supported yet)",
-    "functions": "[] (function calls are not supported yet)",
-    "tool_choice": '"none" or "auto" (there are no tools)',
-    "function_call": '"none" or "auto" (there are no functions)',
+    "functions": "[] (use `tools`)",
+    "function_call": '"none" or "auto" (use `tool_choice`)',
     "modalities": '["text"]',
 }
 NoTools = Annotated[list[dict[str, Any]], Field(max_length=0)]
@@ -285,21 +283,94 @@ class TextPart(BaseModel):
     text: str
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # calls always match the schema here, strict or not
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            if value.get("type", "object") != "object":
+                raise ValueError('function parameters must be a JSON schema of "type": "object"')
+            _check_schema_node(value, 0)
+        return value
+
+    def parameters_schema(self) -> dict[str, Any]:
+        """The parameters' schema; a function without one takes an empty object."""
+        return self.parameters or {"type": "object", "properties": {}}
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
         json_schema_extra=required_unless("content", "role", ["assistant"]),
     )
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    refusal: str | None = None  # echoed back by clients that replay an assistant message
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError("`content` is required for this role")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a `tool` message needs the `tool_call_id` it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry `tool_calls`")
         return self
+
+    def as_template_input(self) -> dict[str, Any]:
+        """The message as chat templates take it: text content, calls and ids as given."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            message["name"] = self.name
+        return message
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -320,14 +391,39 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     # no-op values only (see NO_OP_VALUES)
-    tools: NoTools | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: bool | None = None
     functions: NoTools | None = None
     function_call: Literal["none", "auto"] | None = None
     modalities: list[Literal["text"]] | None = None
     prediction: Prediction | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two tools have the same function name")
+        choice = self.tool_choice
+        if choice == "required" and not names:
+            raise ValueError('tool_choice "required" needs `tools`')
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names `{choice.function.name}`, which is not in tools")
+        return self
+
+    def callable_tools(self) -> list[Tool]:
+        """The tools the model may call: none for `tool_choice: "none"`, one for a named one."""
+        choice = self.tool_choice
+        if not self.tools or choice == "none":
+            return []
+        if isinstance(choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == choice.function.name]
+        return list(self.tools)
+
+    @property
+    def call_required(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
     @property
     def token_limit(self) -> int | None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from multiserve.tools.layouts import ToolLayout
+
 FinishReason = Literal["stop", "length", "error"]
 
 
@@ -32,6 +34,16 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class ToolConstraint:
+    """The tool calls a choice is held to: the family's layout and each tool's parameters."""
+
+    layout: ToolLayout
+    tools: tuple[tuple[str, str], ...]  # (function name, JSON text of its parameters schema)
+    required: bool  # a call must come, from the first token ("required" or a named function)
+    parallel: bool  # several calls allowed in one answer
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-choice sampling; each choice gets its own llama.cpp sampler chain from these."""
 
@@ -45,6 +57,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     json_schema: str | None = None  # JSON text of a schema; "" means any JSON object
+    tools: ToolConstraint | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -123,6 +136,7 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
+    single_tokens: frozenset[str] = frozenset()  # tool-call triggers that are one token here
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import llama_cpp as ll
 import numpy as np
 
 from multiserve.engine.protocol import ModelInfo, WorkerConfig
+from multiserve.tools.layouts import TRIGGERS
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h; not exported by llama_cpp
 _KV_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
@@ -139,7 +140,13 @@ class Runtime:
             chat_template=template.decode("utf-8", errors="replace") if template else None,
             bos_token=self.token_text(ll.llama_vocab_bos(self.vocab)),
             eos_token=self.token_text(ll.llama_vocab_eos(self.vocab)),
+            single_tokens=frozenset(t for t in TRIGGERS if self.single_token(t) is not None),
         )
+
+    def single_token(self, text: str) -> int | None:
+        """The id of the special token spelled `text`, if this vocabulary has one."""
+        tokens = self.tokenize(text, add_bos=False, parse_special=True)
+        return int(tokens[0]) if len(tokens) == 1 else None
 
     def token_text(self, token: int) -> str:
         if token < 0:

@@ -3,8 +3,8 @@
 All of a step's choices are sampled together by one native call (`_sampler.c`) that reads
 llama.cpp's logits in place: exact sampling from the full distribution at about the cost of an
 argmax, where llama.cpp's per-sequence sampler chain copied the whole vocabulary for every choice
-(on Gemma 3's 262,144 tokens that was a quarter of a decode step at 8 streams). Only choices held
-to a JSON grammar keep a llama.cpp chain, since the grammar sampler lives there.
+(on Gemma 3's 262,144 tokens that was a quarter of a decode step at 8 streams). A choice held to
+a grammar (JSON output, tool calls) also consults llama.cpp's grammar sampler (`GrammarGuard`).
 
 Semantics are the chain's: logit_bias, then repeat/frequency/presence penalties over the last
 `PENALTY_WINDOW` generated tokens, then top_k, top_p and min_p on the untempered logits, then
@@ -15,7 +15,9 @@ seeded request samples the same tokens alone or among other requests.
 from __future__ import annotations
 
 import ctypes
+import json
 from collections import Counter, deque
+from dataclasses import dataclass
 
 import llama_cpp as ll
 import numpy as np
@@ -24,6 +26,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from multiserve.engine import _sampler
 from multiserve.engine.protocol import SamplingParams, TokenLogprob, TopLogprob
 from multiserve.engine.runtime import Runtime
+from multiserve.engine.tool_grammar import ToolSchemaError, tool_grammar, with_enforced_bounds
 
 PENALTY_WINDOW = 64  # tokens of history the repeat/frequency/presence penalties look at
 
@@ -47,11 +50,26 @@ def grammar_for(json_schema: str) -> str:
     if json_schema == "":
         return JSON_GBNF
     try:
-        return json_schema_to_gbnf(json_schema)
+        return json_schema_to_gbnf(json.dumps(with_enforced_bounds(json.loads(json_schema))))
     except Exception as exc:  # the converter also signals bad schemas with bare asserts
         raise SamplingError(
             f"response_format json_schema cannot be enforced: {exc}", "response_format"
         ) from None
+
+
+def grammar_spec(runtime: Runtime, params: SamplingParams) -> GrammarSpec | None:
+    """The grammar a request's choices are held to, if any: its tool calls, or its JSON."""
+    if params.tools is not None:
+        try:
+            gbnf = tool_grammar(params.tools)
+        except ToolSchemaError as exc:
+            raise SamplingError(str(exc), "tools") from None
+        trigger = params.tools.layout.trigger
+        token = runtime.single_token(trigger) if trigger else None
+        return GrammarSpec(gbnf, token, lazy=not params.tools.required, param="tools")
+    if params.json_schema is not None:
+        return GrammarSpec(grammar_for(params.json_schema))
+    return None
 
 
 def choice_seed(params: SamplingParams, index: int) -> int | None:
@@ -64,13 +82,14 @@ def choice_seed(params: SamplingParams, index: int) -> int | None:
 class ChoiceSampler:
     """What one choice needs to pick its tokens: parameters, random stream, recent tokens."""
 
-    def __init__(self, params: SamplingParams, seed: int | None, chain: GrammarChain | None):
+    def __init__(self, params: SamplingParams, seed: int | None, guard: GrammarGuard | None):
         self.params = params
-        self.grammar_chain = chain
+        self.guard = guard
         self.rng = np.random.default_rng(seed)
         self.history: deque[int] = deque(maxlen=PENALTY_WINDOW)
         self.greedy = params.temperature < GREEDY_BELOW
         self.bias = dict(params.logit_bias)
+        self.shown_token = guard.trigger_token if guard is not None else None
 
     def overrides(self, logits: np.ndarray) -> dict[int, float]:
         """The logits this choice's bias and penalties change, with their new values."""
@@ -87,71 +106,90 @@ class ChoiceSampler:
         return values
 
     def free(self) -> None:
-        if self.grammar_chain is not None:
-            self.grammar_chain.free()
-            self.grammar_chain = None
+        if self.guard is not None:
+            self.guard.free()
+            self.guard = None
 
 
-class GrammarChain:
-    """A llama.cpp sampler chain for a choice held to a grammar; `free` it when the choice ends."""
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A grammar in GBNF. `trigger_token` is a special token the grammar's text starts with:
+    shown in the output, and, if `lazy`, what arms the grammar (the text before it is free)."""
 
-    def __init__(self, runtime: Runtime, params: SamplingParams, grammar: str, seed: int | None):
-        self._chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if params.logit_bias:
-            self._bias = (ll.llama_logit_bias * len(params.logit_bias))()
-            for slot, (token, bias) in zip(self._bias, params.logit_bias, strict=True):
-                slot.token, slot.bias = token, bias
-            self._add(
-                ll.llama_sampler_init_logit_bias(runtime.n_vocab, len(self._bias), self._bias)
+    gbnf: str
+    trigger_token: int | None = None
+    lazy: bool = False
+    param: str = "response_format"  # the request field a refusal names
+
+
+class GrammarGuard:
+    """llama.cpp's grammar sampler for one choice, consulted as llama-server does: the token picked
+    without it is checked alone, and only if the grammar refuses it are the whole vocabulary's
+    logits masked and the token picked again. That is exact (the masked distribution), and it
+    saves a grammar pass over the vocabulary at nearly every step, which on Gemma 3's 262,144
+    tokens costs more than the decode itself.
+    """
+
+    def __init__(self, runtime: Runtime, spec: GrammarSpec):
+        self._triggers = (ll.llama_token * 1)(spec.trigger_token or 0)
+        if spec.lazy and spec.trigger_token is not None:
+            self._grammar = ll.llama_sampler_init_grammar_lazy_patterns(
+                runtime.vocab, spec.gbnf.encode(), b"root", None, 0, self._triggers, 1
             )
-        sampler = ll.llama_sampler_init_grammar(runtime.vocab, grammar.encode(), b"root")
-        if not sampler:
-            self.free()
-            raise SamplingError(
-                "response_format schema gives an invalid grammar", "response_format"
+        else:
+            self._grammar = ll.llama_sampler_init_grammar(
+                runtime.vocab, spec.gbnf.encode(), b"root"
             )
-        self._add(sampler)
-        if params.penalised:
-            self._add(
-                ll.llama_sampler_init_penalties(
-                    runtime.n_vocab,
-                    PENALTY_WINDOW,
-                    params.repeat_penalty,
-                    params.frequency_penalty,
-                    params.presence_penalty,
-                )
-            )
-        if params.temperature < GREEDY_BELOW:
-            self._add(ll.llama_sampler_init_greedy())
-            return
-        if params.top_k > 0:
-            self._add(ll.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            self._add(ll.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0.0:
-            self._add(ll.llama_sampler_init_min_p(params.min_p, 1))
-        self._add(ll.llama_sampler_init_temp(params.temperature))
-        self._add(ll.llama_sampler_init_dist(ll.LLAMA_DEFAULT_SEED if seed is None else seed))
+        if not self._grammar:
+            raise SamplingError("the schema gives an invalid grammar", spec.param)
+        self.trigger_token = spec.trigger_token
+        self._one = (ll.llama_token_data * 1)()
+        self._one_array = ll.llama_token_data_array(self._one, 1, -1, False)
+        self._all: np.ndarray | None = None
 
-    def _add(self, sampler: ll.llama_sampler_p) -> None:
-        ll.llama_sampler_chain_add(self._chain, sampler)
+    def allows(self, token: int) -> bool:
+        """Whether the grammar lets `token` come next (always, while it awaits its trigger)."""
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
+        self._one_array.size = 1
+        ll.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
+        return self._one[0].logit != -np.inf
 
-    def sample(self, runtime: Runtime, batch_index: int) -> int:
-        """Pick and accept the next token from the logits at `batch_index` of the last decode."""
-        return ll.llama_sampler_sample(self._chain, runtime.ctx, batch_index)
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """`logits` with every token the grammar refuses set to -inf."""
+        n_vocab = len(logits)
+        if self._all is None or len(self._all) != n_vocab:
+            self._all = np.zeros(n_vocab, _TOKEN_DATA)
+        data = self._all
+        data["id"] = np.arange(n_vocab, dtype=np.int32)
+        data["logit"] = logits
+        array = ll.llama_token_data_array(
+            data.ctypes.data_as(ll.llama_token_data_p), n_vocab, -1, False
+        )
+        ll.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        masked = np.empty(n_vocab, np.float32)
+        masked[data["id"]] = data["logit"]
+        return masked
+
+    def accept(self, token: int) -> None:
+        ll.llama_sampler_accept(self._grammar, token)
 
     def free(self) -> None:
-        if self._chain:
-            ll.llama_sampler_free(self._chain)
-            self._chain = None
+        if self._grammar:
+            ll.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+# Refused tokens get this instead of -inf: the native sampler assumes finite logits.
+_REFUSED = np.float32(-1e30)
 
 
 def make_sampler(
-    runtime: Runtime, params: SamplingParams, grammar: str | None, index: int
+    runtime: Runtime, params: SamplingParams, grammar: GrammarSpec | None, index: int
 ) -> ChoiceSampler:
     seed = choice_seed(params, index)
-    chain = GrammarChain(runtime, params, grammar, seed) if grammar is not None else None
-    return ChoiceSampler(params, seed, chain)
+    guard = GrammarGuard(runtime, grammar) if grammar is not None else None
+    return ChoiceSampler(params, seed, guard)
 
 
 _FLOAT_SIZE = ctypes.sizeof(ctypes.c_float)
@@ -159,51 +197,79 @@ _FLOAT_SIZE = ctypes.sizeof(ctypes.c_float)
 
 def sample_step(runtime: Runtime, items: list[tuple[ChoiceSampler, int]]) -> list[int]:
     """The next token of each (choice, batch index) whose logits the last decode produced."""
-    tokens = [0] * len(items)
-    native = [i for i, (sampler, _) in enumerate(items) if sampler.grammar_chain is None]
+    tokens = _sample_native(runtime, items) if items else []
     for i, (sampler, index) in enumerate(items):
-        if sampler.grammar_chain is not None:
-            tokens[i] = sampler.grammar_chain.sample(runtime, index)
-    if native:
-        for i, token in zip(
-            native, _sample_native(runtime, [items[i] for i in native]), strict=True
-        ):
-            tokens[i] = token
-            items[i][0].history.append(token)
+        guard = sampler.guard
+        if guard is not None:
+            if not guard.allows(tokens[i]):
+                tokens[i] = _sample_within_grammar(runtime, sampler, guard, index)
+            guard.accept(tokens[i])
+        sampler.history.append(tokens[i])
     return tokens
 
 
+def _sample_within_grammar(
+    runtime: Runtime, sampler: ChoiceSampler, guard: GrammarGuard, index: int
+) -> int:
+    """Pick again among the tokens the grammar allows, with the choice's own parameters."""
+    logits = runtime.logits_view(index).copy()
+    for token, value in sampler.overrides(logits).items():
+        logits[token] = value
+    masked = guard.mask(logits)
+    refused = ~np.isfinite(masked)
+    masked[refused] = _REFUSED
+    token = _draw(masked, [0], [sampler], [{}])[0]
+    if refused[token]:  # a refused token keeps a vanishing but nonzero weight: never let it out
+        token = int(np.argmax(masked))
+    return token
+
+
 def _sample_native(runtime: Runtime, items: list[tuple[ChoiceSampler, int]]) -> list[int]:
+    """Sample every item from the logits llama.cpp wrote, read in place."""
     n_vocab = runtime.n_vocab
     base = ctypes.cast(ll.llama_get_logits(runtime.ctx), ctypes.c_void_p).value
-    rows = np.empty(len(items), np.int32)
-    temperature = np.empty(len(items), np.float32)
-    top_k = np.empty(len(items), np.int32)
-    top_p = np.empty(len(items), np.float32)
-    min_p = np.empty(len(items), np.float32)
-    uniform = np.empty(len(items), np.float64)
-    offsets = np.zeros(len(items) + 1, np.int32)
+    rows: list[int] = []
+    overrides: list[dict[int, float]] = []
+    for sampler, index in items:
+        address = ctypes.cast(ll.llama_get_logits_ith(runtime.ctx, index), ctypes.c_void_p).value
+        rows.append((address - base) // (_FLOAT_SIZE * n_vocab))
+        changes = sampler.bias or (sampler.params.penalised and sampler.history)
+        overrides.append(sampler.overrides(runtime.logits_view(index)) if changes else {})
+    size = (max(rows) + 1) * n_vocab
+    logits = np.ctypeslib.as_array(ll.llama_get_logits(runtime.ctx), shape=(size,))
+    return _draw(logits, rows, [sampler for sampler, _ in items], overrides)
+
+
+def _draw(
+    logits: np.ndarray,
+    rows: list[int],
+    samplers: list[ChoiceSampler],
+    overrides: list[dict[int, float]],
+) -> list[int]:
+    """One token per sampler from row `rows[i]` of the flat `logits`, with its changed logits."""
+    n = len(samplers)
+    n_vocab = len(logits) // (max(rows) + 1)
+    temperature = np.empty(n, np.float32)
+    top_k = np.empty(n, np.int32)
+    top_p = np.empty(n, np.float32)
+    min_p = np.empty(n, np.float32)
+    uniform = np.empty(n, np.float64)
+    offsets = np.zeros(n + 1, np.int32)
     ids: list[int] = []
     values: list[float] = []
-    for i, (sampler, index) in enumerate(items):
-        address = ctypes.cast(ll.llama_get_logits_ith(runtime.ctx, index), ctypes.c_void_p).value
-        rows[i] = (address - base) // (_FLOAT_SIZE * n_vocab)
+    for i, (sampler, changed) in enumerate(zip(samplers, overrides, strict=True)):
         params = sampler.params
         temperature[i] = 0.0 if sampler.greedy else params.temperature
         top_k[i], top_p[i], min_p[i] = params.top_k, params.top_p, params.min_p
         uniform[i] = 0.0 if sampler.greedy else sampler.rng.random()
-        if sampler.bias or (params.penalised and sampler.history):
-            changed = sampler.overrides(runtime.logits_view(index))
-            ids += changed.keys()
-            values += changed.values()
+        ids += changed.keys()
+        values += changed.values()
         offsets[i + 1] = len(ids)
-    n_outputs = int(rows.max()) + 1
-    logits = np.ctypeslib.as_array(ll.llama_get_logits(runtime.ctx), shape=(n_outputs * n_vocab,))
-    out = np.empty(len(items), np.int32)
+    out = np.empty(n, np.int32)
     _sampler.sample(
         logits,
         n_vocab,
-        rows,
+        np.asarray(rows, np.int32),
         temperature,
         top_k,
         top_p,

@@ -38,7 +38,7 @@ from multiserve.engine.runtime import Batch, Runtime
 from multiserve.engine.sampling import (
     ChoiceSampler,
     SamplingError,
-    grammar_for,
+    grammar_spec,
     make_sampler,
     sample_step,
     token_logprob,
@@ -246,7 +246,7 @@ class Scheduler:
         if self.runtime.is_eog(token) and not choice.ignore_eos:
             text, finish = choice.detokenizer.flush(), "stop"
         else:
-            text, hit_stop = choice.detokenizer.push(self.runtime.piece(token))
+            text, hit_stop = choice.detokenizer.push(self._piece(choice, token))
             if hit_stop:
                 finish = "stop"
             elif choice.generated >= choice.max_tokens or choice.n_past + 1 >= self.n_ctx:
@@ -254,6 +254,12 @@ class Scheduler:
         if finish is not None:
             self._release(choice)
         return ChoiceDelta(choice.request_id, choice.index, text, 1, finish, logprobs)
+
+    def _piece(self, choice: Choice, token: int) -> bytes:
+        """The token's text; control tokens are empty, but for the one that starts tool calls."""
+        if token == choice.sampler.shown_token:
+            return self.runtime.token_text(token).encode()
+        return self.runtime.piece(token)
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -468,7 +474,7 @@ class Scheduler:
                 "max_tokens" if room >= 1 else "messages",
                 "context_length_exceeded",
             )
-        grammar = grammar_for(params.json_schema) if params.json_schema is not None else None
+        grammar = grammar_spec(runtime, params)
         choices: list[Choice] = []
         try:
             for index in range(request.n):

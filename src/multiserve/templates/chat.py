@@ -92,15 +92,22 @@ class ChatTemplate:
     bos_token: str = ""
     eos_token: str = ""
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         """Render messages to a prompt; any failure becomes a client-safe ChatTemplateError."""
         template = _compile(self.source)
+        extra = {"tools": tools} if tools else {}
         try:
             return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except ChatTemplateError:
             raise  # raise_exception() from the template: its message is meant for the client
@@ -113,7 +120,10 @@ class ChatTemplate:
             ) from exc
 
     def render_segments(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[PromptSegment]:
         """The prompt split into template text and message text, to be tokenized apart.
 
@@ -124,13 +134,16 @@ class ChatTemplate:
         one segment, parsed as before; so does one whose output changes with the contents
         (checked by rendering the real messages too).
         """
-        markers = [f"{_MARK_OPEN}{i}{_MARK_CLOSE}" for i in range(len(messages))]
-        marked = [{**m, "content": mark} for m, mark in zip(messages, markers, strict=True)]
-        rendered = self.render(messages, add_generation_prompt)
-        pieces = _MARKER.split(self.render(marked, add_generation_prompt))
+        texts = {i: m["content"] for i, m in enumerate(messages) if isinstance(m["content"], str)}
+        markers = {f"{_MARK_OPEN}{i}{_MARK_CLOSE}": text for i, text in texts.items()}
+        marked = [
+            {**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} if i in texts else m
+            for i, m in enumerate(messages)
+        ]
+        rendered = self.render(messages, add_generation_prompt, tools)
+        pieces = _MARKER.split(self.render(marked, add_generation_prompt, tools))
         if sorted(pieces[1::2]) == sorted(markers):
-            contents = dict(zip(markers, (m["content"] for m in messages), strict=True))
-            aligned = _align(pieces, contents, rendered)
+            aligned = _align(pieces, markers, rendered)
             if aligned is not None:
                 return [segment for segment in aligned if segment.text]
         return [PromptSegment(rendered, special=True)]
