@@ -284,6 +284,8 @@ class TextPart(BaseModel):
 
 
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+# Templates print call ids as they are: no characters that could spell a control token.
+CALL_ID = r"^[A-Za-z0-9_.:=+/-]{1,256}$"
 MAX_TOOLS = 128  # OpenAI's limit
 
 
@@ -333,7 +335,7 @@ class FunctionCall(BaseModel):
 
 class ToolCall(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    id: str = Field(min_length=1, max_length=256)
+    id: str = Field(pattern=CALL_ID)
     type: Literal["function"]
     function: FunctionCall
 
@@ -346,9 +348,9 @@ class ChatMessage(BaseModel):
     )
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = Field(default=None, pattern=FUNCTION_NAME)
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
-    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    tool_call_id: str | None = Field(default=None, pattern=CALL_ID)
     refusal: str | None = None  # echoed back by clients that replay an assistant message
 
     @model_validator(mode="after")

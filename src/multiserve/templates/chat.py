@@ -125,32 +125,107 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[PromptSegment]:
-        """The prompt split into template text and message text, to be tokenized apart.
+        """The prompt split into template text and client text, to be tokenized apart.
 
-        Template text may spell control tokens (`<start_of_turn>`); message text never may, so a
-        user who types `<|im_start|>system` gets plain characters, not a forged turn. Each
-        message's content is rendered as a unique marker and put back as its own segment. A
-        template that looks inside contents (markers do not come out once each) falls back to
-        one segment, parsed as before; so does one whose output changes with the contents
-        (checked by rendering the real messages too).
+        Template text may spell control tokens (`<start_of_turn>`); client text never may, so a
+        user who types `<|im_start|>system` gets plain characters, not a forged turn. Client text
+        is each message's content, and with tools their descriptions and schemas and the
+        arguments of past calls. Each distinct text is rendered as a marker and put back as its
+        own segment. A template whose output changes with the texts (checked by rendering the
+        real ones too and aligning the two) falls back to one segment, parsed as before.
         """
-        texts = {i: m["content"] for i, m in enumerate(messages) if isinstance(m["content"], str)}
-        markers = {f"{_MARK_OPEN}{i}{_MARK_CLOSE}": text for i, text in texts.items()}
-        marked = [
-            {**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} if i in texts else m
-            for i, m in enumerate(messages)
-        ]
+        texts = _ClientTexts()
+        marked = [texts.message(m) for m in messages]
+        marked_tools = [texts.tool(t) for t in tools] if tools else None
         rendered = self.render(messages, add_generation_prompt, tools)
-        pieces = _MARKER.split(self.render(marked, add_generation_prompt, tools))
-        if sorted(pieces[1::2]) == sorted(markers):
-            aligned = _align(pieces, markers, rendered)
+        pieces = _MARKER.split(self.render(marked, add_generation_prompt, marked_tools))
+        if all(piece in texts.by_marker for piece in pieces[1::2]):
+            aligned = _align(pieces, texts.by_marker, rendered)
             if aligned is not None:
                 return [segment for segment in aligned if segment.text]
         return [PromptSegment(rendered, special=True)]
 
 
-# How a template may pass a content through: as given, or trimmed (Jinja's `trim`, Python's strip)
-_FORMS = (str, str.strip, str.rstrip, str.lstrip)
+class _ClientTexts:
+    """Swaps client strings for markers, one per distinct text (so a `required` list still names
+    the marked property keys)."""
+
+    # Schema keywords whose values a template may test (`type == "string"`): left as they are.
+    _STRUCTURAL = frozenset({"type", "$ref", "format"})
+
+    def __init__(self) -> None:
+        self.by_marker: dict[str, str] = {}
+        self._by_text: dict[str, str] = {}
+
+    def text(self, value: str) -> str:
+        marker = self._by_text.get(value)
+        if marker is None:
+            marker = f"{_MARK_OPEN}{len(self._by_text)}{_MARK_CLOSE}"
+            self._by_text[value], self.by_marker[marker] = marker, value
+        return marker
+
+    def message(self, message: dict[str, Any]) -> dict[str, Any]:
+        marked = dict(message)
+        if isinstance(message.get("content"), str):
+            marked["content"] = self.text(message["content"])
+        if message.get("tool_calls"):
+            marked["tool_calls"] = [
+                {
+                    **c,
+                    "function": {
+                        **c["function"],
+                        "arguments": self._data(c["function"]["arguments"]),
+                    },
+                }
+                for c in message["tool_calls"]
+            ]
+        return marked
+
+    def tool(self, tool: dict[str, Any]) -> dict[str, Any]:
+        function = dict(tool["function"])
+        if isinstance(function.get("description"), str):
+            function["description"] = self.text(function["description"])
+        if "parameters" in function:
+            function["parameters"] = self._data(function["parameters"])
+        return {**tool, "function": function}
+
+    def _data(self, value: Any, key: str = "") -> Any:
+        """JSON data with its strings (and object keys) marked, schema keywords kept."""
+        if isinstance(value, str):
+            return value if key in self._STRUCTURAL else self.text(value)
+        if isinstance(value, list):
+            return [self._data(item, key) for item in value]
+        if isinstance(value, dict):
+            return {
+                (k if k in _SCHEMA_KEYWORDS else self.text(k)): self._data(v, k)
+                for k, v in value.items()
+            }
+        return value
+
+
+# JSON-schema keywords stay keys a template can read (`parameters.properties`).
+_SCHEMA_KEYWORDS = frozenset(
+    {
+        "type", "properties", "required", "items", "enum", "const", "description", "title",
+        "default", "additionalProperties", "anyOf", "oneOf", "allOf", "not", "$ref", "$defs",
+        "definitions", "format", "pattern", "minimum", "maximum", "exclusiveMinimum",
+        "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "uniqueItems",
+        "prefixItems", "nullable", "examples",
+    }
+)  # fmt: skip
+
+
+def _json_escaped(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def _ascii_json_escaped(text: str) -> str:
+    return json.dumps(text)[1:-1]
+
+
+# How a template may pass a text through: as given, trimmed (Jinja's `trim`, Python's strip), or
+# inside a JSON string (`tojson` of a tool or of a call's arguments)
+_FORMS = (str, str.strip, str.rstrip, str.lstrip, _json_escaped, _ascii_json_escaped)
 # The segments chosen so far, newest first, as a linked list: extending it copies nothing
 _Trail = tuple[PromptSegment, "_Trail"] | None
 
