@@ -12,8 +12,9 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
-from llama_cpp import Llama
+from llama_cpp import Llama, LlamaGrammar
 
+from multiserve.engine.json_grammar import json_schema_grammar
 from tiny_gguf import BOS_ID, TOKEN_TO_ID
 
 HELLO = TOKEN_TO_ID["\u2581hello"]  # token " hello"
@@ -400,3 +401,40 @@ def test_too_many_prompts_for_the_queue_is_refused_whole(server) -> None:
         )
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["code"] == "too_many_prompts"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_greedy_json_schema_output_equals_llama_cpps_own_grammar_sampling(
+    server, tiny_model: Path, seed: int
+) -> None:
+    """Grammar-held greedy decoding (free pick checked alone, then the likeliest allowed tokens,
+    then a mask of the whole vocabulary) gives exactly the tokens of llama-cpp-python's `Llama`
+    with the same grammar masking every step. The random model's own picks are mostly refused,
+    so every path is taken."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 6},
+            "n": {"type": "integer", "minimum": 0, "maximum": 30},
+            "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 3},
+        },
+        "required": ["name", "n", "tags"],
+    }
+    prompt = [BOS_ID, TOKEN_TO_ID["\u2581the"], TOKEN_TO_ID["\u2581cat"], seed + 10]
+    reply = server.openai.completions.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=60,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}},
+    )
+    llm = Llama(str(tiny_model), n_ctx=256, n_threads=1, verbose=False)
+    try:
+        grammar = LlamaGrammar.from_string(json_schema_grammar(schema), verbose=False)
+        expected = llm.create_completion(
+            prompt, max_tokens=60, temperature=0, repeat_penalty=1.0, grammar=grammar
+        )
+    finally:
+        llm.close()
+    assert reply.choices[0].text == expected["choices"][0]["text"]
+    assert len(reply.choices[0].text) > 20

@@ -21,12 +21,16 @@ from dataclasses import dataclass
 
 import llama_cpp as ll
 import numpy as np
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from multiserve.engine import _sampler
+from multiserve.engine.json_grammar import (
+    ANY_JSON_OBJECT,
+    SchemaNotEnforceable,
+    json_schema_grammar,
+)
 from multiserve.engine.protocol import SamplingParams, TokenLogprob, TopLogprob
 from multiserve.engine.runtime import Runtime
-from multiserve.engine.tool_grammar import ToolSchemaError, tool_grammar, with_enforced_bounds
+from multiserve.engine.tool_grammar import ToolSchemaError, tool_grammar
 
 PENALTY_WINDOW = 64  # tokens of history the repeat/frequency/presence penalties look at
 
@@ -46,12 +50,12 @@ class SamplingError(ValueError):
 
 
 def grammar_for(json_schema: str) -> str:
-    """GBNF for a JSON schema (llama-cpp-python's converter); "" means any JSON object."""
+    """GBNF for a JSON schema given as JSON text; "" means any JSON object."""
     if json_schema == "":
-        return JSON_GBNF
+        return ANY_JSON_OBJECT
     try:
-        return json_schema_to_gbnf(json.dumps(with_enforced_bounds(json.loads(json_schema))))
-    except Exception as exc:  # the converter also signals bad schemas with bare asserts
+        return json_schema_grammar(json.loads(json_schema))
+    except SchemaNotEnforceable as exc:
         raise SamplingError(
             f"response_format json_schema cannot be enforced: {exc}", "response_format"
         ) from None
@@ -154,21 +158,22 @@ class GrammarGuard:
         ll.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
         return self._one[0].logit != -np.inf
 
-    def mask(self, logits: np.ndarray) -> np.ndarray:
-        """`logits` with every token the grammar refuses set to -inf."""
-        n_vocab = len(logits)
-        if self._all is None or len(self._all) != n_vocab:
-            self._all = np.zeros(n_vocab, _TOKEN_DATA)
-        data = self._all
-        data["id"] = np.arange(n_vocab, dtype=np.int32)
-        data["logit"] = logits
+    def mask(self, logits: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """The logits of `ids` (by default every token), -inf where the grammar refuses."""
+        if ids is None:
+            if self._all is None or len(self._all) != len(logits):
+                self._all = np.zeros(len(logits), _TOKEN_DATA)
+                self._all["id"] = np.arange(len(logits), dtype=np.int32)
+            data = self._all
+            data["logit"] = logits
+        else:
+            data = np.zeros(len(ids), _TOKEN_DATA)
+            data["id"], data["logit"] = ids, logits[ids]
         array = ll.llama_token_data_array(
-            data.ctypes.data_as(ll.llama_token_data_p), n_vocab, -1, False
+            data.ctypes.data_as(ll.llama_token_data_p), len(data), -1, False
         )
-        ll.llama_sampler_apply(self._grammar, ctypes.byref(array))
-        masked = np.empty(n_vocab, np.float32)
-        masked[data["id"]] = data["logit"]
-        return masked
+        ll.llama_sampler_apply(self._grammar, ctypes.byref(array))  # sets -inf, keeps the order
+        return data["logit"].copy()
 
     def accept(self, token: int) -> None:
         ll.llama_sampler_accept(self._grammar, token)
@@ -179,6 +184,7 @@ class GrammarGuard:
             self._grammar = None
 
 
+GREEDY_CANDIDATES = 64  # tokens a greedy choice tries before masking the whole vocabulary
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 # Refused tokens get this instead of -inf: the native sampler assumes finite logits.
 _REFUSED = np.float32(-1e30)
@@ -211,10 +217,20 @@ def sample_step(runtime: Runtime, items: list[tuple[ChoiceSampler, int]]) -> lis
 def _sample_within_grammar(
     runtime: Runtime, sampler: ChoiceSampler, guard: GrammarGuard, index: int
 ) -> int:
-    """Pick again among the tokens the grammar allows, with the choice's own parameters."""
+    """Pick again among the tokens the grammar allows, with the choice's own parameters.
+
+    Greedy choices look at the likeliest tokens first: the best of them the grammar allows is
+    the answer, found without a pass over the whole vocabulary (about 50 ms on Gemma 3's).
+    """
     logits = runtime.logits_view(index).copy()
     for token, value in sampler.overrides(logits).items():
         logits[token] = value
+    if sampler.greedy:
+        top = np.argpartition(-logits, GREEDY_CANDIDATES)[:GREEDY_CANDIDATES]
+        top = top[np.lexsort((top, -logits[top]))]  # likeliest first; ties: lowest id, as argmax
+        allowed = np.isfinite(guard.mask(logits, top))
+        if allowed.any():
+            return int(top[allowed.argmax()])
     masked = guard.mask(logits)
     refused = ~np.isfinite(masked)
     masked[refused] = _REFUSED
