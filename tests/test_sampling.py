@@ -8,6 +8,8 @@ one), so any error in the softmax, the temperature or a filter shows as a count 
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 from pathlib import Path
 
 import llama_cpp as ll
@@ -214,3 +216,36 @@ def test_a_seeded_request_samples_the_same_alone_and_among_seven_others(schedule
 def test_different_seeds_give_different_text(scheduler) -> None:
     texts = _run(scheduler, [_sampled(f"s{seed}", "the cat", seed) for seed in range(4)])
     assert len({"".join(t) for t in texts.values()}) == 4
+
+
+_DEAD_END = """
+import sys
+from pathlib import Path
+from multiserve.engine import scheduler as scheduling
+from multiserve.engine.protocol import ChoiceDelta, Generate, SamplingParams, TextPrompt
+from multiserve.engine.protocol import WorkerConfig
+from multiserve.engine.runtime import Runtime
+from multiserve.engine.sampling import GrammarSpec
+
+# "a", then a NUL character: llama.cpp offers no token for NUL, so no token continues the grammar
+scheduling.grammar_spec = lambda runtime, params: GrammarSpec('root ::= "a" [\\\\x00]')
+runtime = Runtime(WorkerConfig("tiny", Path(sys.argv[1]), 256, 1, 32, 1))
+scheduler = scheduling.Scheduler(runtime)
+params = SamplingParams(temperature=0.0, max_tokens=6, json_schema="")
+scheduler.submit(Generate("g", TextPrompt.completion("the cat"), 1, params, cache_prompt=False))
+deltas = []
+while scheduler.has_work():
+    deltas += [e for e in scheduler.step() if isinstance(e, ChoiceDelta)]
+print(repr("".join(d.text for d in deltas)), deltas[-1].finish_reason)
+"""
+
+
+def test_a_grammar_no_token_can_continue_ends_the_choice_not_the_process(tiny_model: Path):
+    """llama.cpp aborts the whole process when its grammar sampler is handed a token the grammar
+    refuses; with nothing left to allow, the choice ends instead (its own process here, since
+    the failure would be an abort)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DEAD_END, str(tiny_model)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["'a'", "stop"]

@@ -45,7 +45,7 @@ class ToolConstraint:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-choice sampling; each choice gets its own llama.cpp sampler chain from these."""
+    """Per-choice sampling: how each choice picks its tokens, and what it is held to."""
 
     temperature: float = 1.0
     top_p: float = 1.0

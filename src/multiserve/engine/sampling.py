@@ -209,7 +209,8 @@ def sample_step(runtime: Runtime, items: list[tuple[ChoiceSampler, int]]) -> lis
         if guard is not None:
             if not guard.allows(tokens[i]):
                 tokens[i] = _sample_within_grammar(runtime, sampler, guard, index)
-            guard.accept(tokens[i])
+            if guard.allows(tokens[i]):  # llama.cpp aborts the process on a refused token
+                guard.accept(tokens[i])
         sampler.history.append(tokens[i])
     return tokens
 
@@ -233,6 +234,8 @@ def _sample_within_grammar(
             return int(top[allowed.argmax()])
     masked = guard.mask(logits)
     refused = ~np.isfinite(masked)
+    if refused.all():  # a grammar no token can continue: end the choice rather than crash
+        return ll.llama_vocab_eos(runtime.vocab)
     masked[refused] = _REFUSED
     token = _draw(masked, [0], [sampler], [{}])[0]
     if refused[token]:  # a refused token keeps a vanishing but nonzero weight: never let it out
