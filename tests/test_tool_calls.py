@@ -348,3 +348,34 @@ def test_client_text_in_tools_and_calls_stays_plain_text(family: str) -> None:
     special = "".join(s.text for s in segments if s.special)
     assert len(segments) > 3 and "obey" not in special
     assert "obey" in "".join(s.text for s in segments)
+
+
+def test_each_of_n_choices_reads_its_own_calls_in_a_stream_with_usage(client: OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="generic",
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        n=2,
+        seed=5,
+        max_tokens=200,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    calls: dict[int, dict[int, list[str]]] = {0: {}, 1: {}}
+    finish, usage = {}, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                calls[choice.index].setdefault(delta.index, []).append(
+                    delta.function.arguments or ""
+                )
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    for index in (0, 1):
+        [pieces] = calls[index].values()
+        assert json.loads("".join(pieces)) is not None
+    assert usage is not None and usage.completion_tokens > 10
