@@ -117,9 +117,6 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [TOOL]),
-        ("tool_choice", "required"),
-        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
         ("functions", [TOOL["function"]]),
         ("function_call", {"name": "f"}),
         ("modalities", ["text", "audio"]),
