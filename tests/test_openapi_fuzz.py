@@ -71,6 +71,9 @@ RUNTIME_REFUSALS = {
     "token_out_of_vocabulary",
     "empty_prompt",
     "unsupported_schema",
+    # and what JSON Schema cannot say: names unique within a list, or one of another list's
+    "duplicate_tool_name",
+    "unknown_tool",
 }
 
 

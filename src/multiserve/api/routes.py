@@ -255,6 +255,10 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
     "/v1/chat/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503)
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    if (problem := body.tools_problem()) is not None:
+        message, param, code = problem
+        raise APIError(400, message, param=param, code=code)
+
     def build(entry: ModelEntry, engine: EngineClient) -> Built:
         info = engine.info
         template = resolve_template(

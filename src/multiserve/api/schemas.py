@@ -340,11 +340,25 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+ROLES_WITHOUT_CALL_ID = ["system", "developer", "user", "assistant"]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
-        json_schema_extra=required_unless("content", "role", ["assistant"]),
+        json_schema_extra={
+            "allOf": [
+                required_unless("content", "role", ["assistant"]),
+                required_unless("tool_call_id", "role", ROLES_WITHOUT_CALL_ID),
+                {  # only an assistant message carries calls
+                    "anyOf": [
+                        {"properties": {"role": {"const": "assistant"}}},
+                        {"properties": {"tool_calls": {"type": ["array", "null"], "maxItems": 0}}},
+                    ]
+                },
+            ]
+        },
     )
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -388,7 +402,18 @@ class Prediction(BaseModel):
     content: str | list[TextPart]
 
 
+def _calls_need_tools(schema: dict[str, Any]) -> None:
+    """Publish that `tool_choice` "required" or a named function needs a non-empty `tools`."""
+    _nulls_allowed(schema)
+    schema["anyOf"] = [
+        {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
+        {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+    ]
+
+
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_calls_need_tools)
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
@@ -403,16 +428,22 @@ class ChatCompletionRequest(SamplingRequest):
     prediction: Prediction | None = None
 
     @model_validator(mode="after")
-    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
-        names = [tool.function.name for tool in self.tools or ()]
-        if len(set(names)) != len(names):
-            raise ValueError("tools: two tools have the same function name")
-        choice = self.tool_choice
-        if choice == "required" and not names:
-            raise ValueError('tool_choice "required" needs `tools`')
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice names `{choice.function.name}`, which is not in tools")
+    def _calls_need_tools(self) -> ChatCompletionRequest:
+        if self.call_required and not self.tools:
+            raise ValueError("tool_choice: a call is required, but there are no `tools`")
         return self
+
+    def tools_problem(self) -> tuple[str, str, str] | None:
+        """What JSON Schema cannot say is wrong with the tools: (message, param, code)."""
+        names = [tool.function.name for tool in self.tools or ()]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            return f"two tools are named `{duplicate}`", "tools", "duplicate_tool_name"
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            message = f"tool_choice names `{choice.function.name}`, which is not in tools"
+            return message, "tool_choice", "unknown_tool"
+        return None
 
     def callable_tools(self) -> list[Tool]:
         """The tools the model may call: none for `tool_choice: "none"`, one for a named one."""
