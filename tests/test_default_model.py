@@ -16,13 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
 from conftest import run_server
 from multiserve.cli import build_parser
 from multiserve.config import EMBEDDED_MAX_TOKENS, load_settings
-from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
+from multiserve.models.default import DEFAULT_EMBEDDINGS_ID, DEFAULT_MODEL_ID, default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -171,3 +172,38 @@ def test_request_without_max_tokens_gets_the_embedded_models_ceiling(default_ser
     )
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == EMBEDDED_MAX_TOKENS
+
+
+def test_default_model_answers_embeddings_from_its_own_worker(default_server) -> None:
+    """With no config, /v1/embeddings works on the default model's id: its embeddings companion
+    (the same file in an embeddings context) loads on the first request, beside the chat worker.
+
+    Eight inputs fill one step (512 tokens): the vectors are finite, unit length, the same on a
+    second run, and each one its input's alone, as near as llama.cpp's kernels allow (a vector
+    drifts with the batch around it, to a cosine of 0.9995 here; two texts are far apart); the
+    worker's memory, with a full step's outputs, stays within its estimate."""
+    texts = [
+        f"{i}: " + f"{prompt} {expected} " * 4
+        for i, (prompt, expected) in enumerate(KNOWN_SEQUENCES * 2)
+    ]
+
+    def embed(inputs: list[str]) -> tuple[np.ndarray, int]:
+        reply = default_server.openai.embeddings.create(model=DEFAULT_MODEL_ID, input=inputs)
+        assert reply.model == DEFAULT_MODEL_ID
+        return np.array([item.embedding for item in reply.data]), reply.usage.prompt_tokens
+
+    with default_server.http() as http:
+        assert http.get(f"/v1/models/{DEFAULT_EMBEDDINGS_ID}").json()["state"] == "unloaded"
+        vectors, tokens = embed(texts)
+        assert 400 < tokens <= 512
+        assert vectors.shape == (8, 640) and np.isfinite(vectors).all()
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+        alone = np.array([embed([text])[0][0] for text in texts[:3]])
+        assert (embed(texts[:1])[0][0] == alone[0]).all()
+        assert (np.sum(alone * vectors[:3], axis=1) > 0.999).all()
+        assert (vectors[:3] @ vectors[:3].T)[~np.eye(3, dtype=bool)].max() < 0.9
+
+        models = {card["id"]: card["state"] for card in http.get("/v1/models").json()["data"]}
+        assert models == {DEFAULT_MODEL_ID: "loaded", DEFAULT_EMBEDDINGS_ID: "loaded"}
+        memory = http.get("/stats").json()["models"][DEFAULT_EMBEDDINGS_ID]["memory_bytes"]
+        assert memory["rss"] < memory["estimate"]["total"]
