@@ -12,6 +12,7 @@ import math
 import re
 import shlex
 import subprocess
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,17 @@ def test_readme_curl_examples_answer(default_server) -> None:
         assert reply["usage"]["completion_tokens"] <= 64
 
 
+def test_readme_python_example_runs(default_server) -> None:
+    (block,) = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    code = textwrap.dedent(block).replace(
+        "127.0.0.1:8082", default_server.url.removeprefix("http://")
+    )
+    names: dict = {}
+    exec(compile(code, "README.md", "exec"), names)
+    vectors = np.array(names["vectors"])
+    assert vectors.shape == (2, 640) and np.allclose(np.linalg.norm(vectors, axis=1), 1)
+
+
 def test_readme_multiserve_commands_parse() -> None:
     commands = [c for c in _readme_commands() if c.startswith(".venv/bin/multiserve ")]
     assert len(commands) >= 5
@@ -193,7 +205,6 @@ def test_default_model_answers_embeddings_from_its_own_worker(default_server) ->
         return np.array([item.embedding for item in reply.data]), reply.usage.prompt_tokens
 
     with default_server.http() as http:
-        assert http.get(f"/v1/models/{DEFAULT_EMBEDDINGS_ID}").json()["state"] == "unloaded"
         vectors, tokens = embed(texts)
         assert 400 < tokens <= 512
         assert vectors.shape == (8, 640) and np.isfinite(vectors).all()
