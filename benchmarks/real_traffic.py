@@ -40,7 +40,6 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from benchmarks.common.output import out
 from benchmarks.common.raw_http import raw_request
 from benchmarks.common.servers import (
     ServerCommand,
+    build_llama_server,
     llama_server_command,
     multiserve_command,
     port_taken,
@@ -66,7 +66,6 @@ from benchmarks.common.sse import Streamed, loopback_client
 from benchmarks.common.verdict import add_no_fail, exit_status, verdict
 from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
 
-REPO = Path(__file__).resolve().parent.parent
 SLOTS = 8
 CTX_PER_SLOT = 4096
 TURNS = 6
@@ -97,12 +96,6 @@ def llama_server(binary: Path, port: int, threads: int) -> ServerCommand:
     model, n_ctx = default_model_path(), CTX_PER_SLOT * SLOTS
     command = llama_server_command(binary, model, port, threads, n_ctx, SLOTS, *options)
     return ServerCommand("llama-server", command)
-
-
-def build_llama_server() -> Path:
-    script = REPO / "scripts" / "build-llama-server.sh"
-    done = subprocess.run(["bash", str(script)], check=True, stdout=subprocess.PIPE, text=True)
-    return Path(done.stdout.strip().splitlines()[-1])
 
 
 def client_of(port: int) -> httpx.AsyncClient:

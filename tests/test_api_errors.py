@@ -147,8 +147,8 @@ def test_completion_field_that_would_change_the_answer_is_refused(
 @pytest.mark.parametrize(
     ("method", "path", "code"),
     [
-        ("POST", "/v1/embeddings", "unsupported_route"),
         ("POST", "/v1/responses", "unsupported_route"),
+        ("POST", "/v1/moderations", "unsupported_route"),
         ("POST", "/v1/audio/transcriptions", "unsupported_route"),
         ("GET", "/v1/files", "unsupported_route"),
         ("GET", "/v2/whatever", "unknown_route"),

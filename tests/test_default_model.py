@@ -12,18 +12,20 @@ import math
 import re
 import shlex
 import subprocess
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
 from conftest import run_server
 from multiserve.cli import build_parser
 from multiserve.config import EMBEDDED_MAX_TOKENS, load_settings
-from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
+from multiserve.models.default import DEFAULT_EMBEDDINGS_ID, DEFAULT_MODEL_ID, default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -152,6 +154,23 @@ def test_readme_curl_examples_answer(default_server) -> None:
         assert reply["usage"]["completion_tokens"] <= 64
 
 
+def test_readme_python_examples_run(default_server) -> None:
+    """The README's tool round trip and embeddings call, run as written on the default model."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    names: dict = {}
+    for block in blocks:
+        code = textwrap.dedent(block).replace(
+            "127.0.0.1:8082", default_server.url.removeprefix("http://")
+        )
+        exec(compile(code, "README.md", "exec"), names)
+    assert len(blocks) == 2
+    vectors = np.array(names["vectors"])
+    assert vectors.shape == (2, 640) and np.allclose(np.linalg.norm(vectors, axis=1), 1)
+    assert names["reply"].choices[0].finish_reason == "tool_calls"
+    assert isinstance(json.loads(names["call"].function.arguments)["city"], str)
+    assert names["answer"].usage.prompt_tokens > names["reply"].usage.prompt_tokens
+
+
 def test_readme_multiserve_commands_parse() -> None:
     commands = [c for c in _readme_commands() if c.startswith(".venv/bin/multiserve ")]
     assert len(commands) >= 5
@@ -201,3 +220,37 @@ def test_default_model_makes_a_schema_valid_tool_call(default_server) -> None:
     [call] = answer.message.tool_calls
     assert call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), parameters)
+
+
+def test_default_model_answers_embeddings_from_its_own_worker(default_server) -> None:
+    """With no config, /v1/embeddings works on the default model's id: its embeddings companion
+    (the same file in an embeddings context) loads on the first request, beside the chat worker.
+
+    Eight inputs fill one step (512 tokens): the vectors are finite, unit length, the same on a
+    second run, and each one its input's alone, as near as llama.cpp's kernels allow (a vector
+    drifts with the batch around it, to a cosine of 0.9995 here; two texts are far apart); the
+    worker's memory, with a full step's outputs, stays within its estimate."""
+    texts = [
+        f"{i}: " + f"{prompt} {expected} " * 4
+        for i, (prompt, expected) in enumerate(KNOWN_SEQUENCES * 2)
+    ]
+
+    def embed(inputs: list[str]) -> tuple[np.ndarray, int]:
+        reply = default_server.openai.embeddings.create(model=DEFAULT_MODEL_ID, input=inputs)
+        assert reply.model == DEFAULT_MODEL_ID
+        return np.array([item.embedding for item in reply.data]), reply.usage.prompt_tokens
+
+    with default_server.http() as http:
+        vectors, tokens = embed(texts)
+        assert 400 < tokens <= 512
+        assert vectors.shape == (8, 640) and np.isfinite(vectors).all()
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+        alone = np.array([embed([text])[0][0] for text in texts[:3]])
+        assert (embed(texts[:1])[0][0] == alone[0]).all()
+        assert (np.sum(alone * vectors[:3], axis=1) > 0.999).all()
+        assert (vectors[:3] @ vectors[:3].T)[~np.eye(3, dtype=bool)].max() < 0.9
+
+        models = {card["id"]: card["state"] for card in http.get("/v1/models").json()["data"]}
+        assert models == {DEFAULT_MODEL_ID: "loaded", DEFAULT_EMBEDDINGS_ID: "loaded"}
+        memory = http.get("/stats").json()["models"][DEFAULT_EMBEDDINGS_ID]["memory_bytes"]
+        assert memory["rss"] < memory["estimate"]["total"]

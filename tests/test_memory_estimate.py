@@ -55,8 +55,9 @@ def llama_log() -> Iterator[list[str]]:
     _log = None
 
 
-def _allocated_mib(path: Path, spec: ModelSpec, log: list[str]) -> tuple[float, float]:
-    """(KV, compute) buffer MiB llama.cpp logs creating the context a worker makes for `spec`."""
+def _allocated_mib(path: Path, spec: ModelSpec, log: list[str]) -> tuple[float, float, float]:
+    """(KV, compute, output) buffer MiB llama.cpp logs creating the context a worker makes for
+    `spec`."""
     model = ll.llama_model_load_from_file(str(path).encode(), ll.llama_model_default_params())
     assert model, "llama.cpp could not load the model"
     log.clear()
@@ -73,16 +74,16 @@ def _allocated_mib(path: Path, spec: ModelSpec, log: list[str]) -> tuple[float, 
         assert sizes, f"no '{what} buffer size' in llama.cpp's log:\n{text}"
         return sum(float(size) for size in sizes)
 
-    return total("KV"), total("compute")
+    return total("KV"), total("compute"), total("output")
 
 
 def _estimated_and_allocated(
     path: Path, log: list[str], **shape: object
-) -> tuple[MemoryEstimate, float, float]:
-    """The estimate for a model table of `shape`, and the (KV, compute) MiB llama.cpp allocates."""
+) -> tuple[MemoryEstimate, float, float, float]:
+    """The estimate for a model table of `shape`, and the (KV, compute, output) MiB llama.cpp
+    allocates."""
     spec = ModelSpec(id="m", path=path, **shape)
-    kv, compute = _allocated_mib(path, spec, log)
-    return estimate_memory(read_header(path), spec), kv, compute
+    return estimate_memory(read_header(path), spec), *_allocated_mib(path, spec, log)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +103,7 @@ def test_kv_estimate_is_the_kv_cache_llama_cpp_allocates(
     n_parallel: int,
     flash_attn: bool,
 ) -> None:
-    estimate, kv, _ = _estimated_and_allocated(
+    estimate, kv, _, _ = _estimated_and_allocated(
         kv_model,
         llama_log,
         n_ctx=n_ctx,
@@ -117,7 +118,7 @@ def test_kv_estimate_is_the_kv_cache_llama_cpp_allocates(
 def test_kv_estimate_of_the_sliding_window_default_model(llama_log: list[str]) -> None:
     """Gemma 3 has sliding-window layers (a KV cache of their own): at full size by default."""
     path = default_model_path(show_progress=False)
-    estimate, kv, _ = _estimated_and_allocated(
+    estimate, kv, _, _ = _estimated_and_allocated(
         path, llama_log, n_ctx=1024, n_parallel=2, step_tokens=64
     )
     assert estimate.kv_cache / MIB == pytest.approx(kv, abs=0.006)
@@ -138,7 +139,7 @@ def test_compute_estimate_is_within_15_percent_above_llama_cpps(
     """What fleet/memory.py promises: the tiny model's step is its attention scores, the
     default model's (262k vocabulary) its logits."""
     path = kv_model if which == "tiny" else default_model_path(show_progress=False)
-    estimate, _, compute = _estimated_and_allocated(
+    estimate, _, compute, _ = _estimated_and_allocated(
         path,
         llama_log,
         n_ctx=n_ctx,
@@ -147,6 +148,33 @@ def test_compute_estimate_is_within_15_percent_above_llama_cpps(
         flash_attn=flash_attn,
     )
     assert compute <= estimate.compute / MIB <= 1.15 * compute
+
+
+@pytest.mark.parametrize(
+    ("which", "step_tokens", "flash_attn"),
+    [("default", 128, True), ("default", 256, False), ("tiny", 256, False)],
+)
+def test_embedding_estimate_is_its_kv_and_a_step_of_outputs(
+    kv_model: Path, llama_log: list[str], which: str, step_tokens: int, flash_attn: bool
+) -> None:
+    """An embeddings context holds one step's cells, and every token of a step is an output:
+    llama.cpp's output buffer takes a step's logits and vectors beside the compute buffer. It is
+    sized for `n_parallel` outputs at creation and grows to a step's at the first decode, so
+    with `n_parallel` = `step_tokens` the log shows what a full step takes."""
+    path = kv_model if which == "tiny" else default_model_path(show_progress=False)
+    estimate, kv, compute, output = _estimated_and_allocated(
+        path,
+        llama_log,
+        embedding=True,
+        n_ctx=64,
+        n_parallel=step_tokens,
+        step_tokens=step_tokens,
+        flash_attn=flash_attn,
+    )
+    assert estimate.kv_cache / MIB == pytest.approx(kv, abs=0.006)
+    allocated = compute + output
+    assert allocated - 0.01 <= estimate.compute / MIB <= 1.15 * allocated  # the log rounds
+    assert estimate.host_cache == 0
 
 
 SMALL_KV, BIG_KV = (1024, 2), (8192, 8)  # n_ctx x n_parallel: 8 MiB and 256 MiB of KV cache

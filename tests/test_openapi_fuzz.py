@@ -22,6 +22,7 @@ from multiserve.config import Settings
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SERVED = ["fuzz", "fuzz-b"]
+EMBEDDING = "fuzz-embed"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def fuzz_server(tiny_model: Path, model_dir: Path) -> Iterator[RunningServer]:
         f'[[models]]\nid = "{name}"\npath = "tiny.gguf"\nn_ctx = 256\nn_parallel = 4\n'
         for name in SERVED
     )
+    models += f'[[models]]\nid = "{EMBEDDING}"\npath = "tiny.gguf"\nembedding = true\n'
     config.write_text(f'threads = 1\napi_keys = ["{KEY}"]\n{models}')
     with run_server(["--config", str(config)], model_dir) as server:
         yield server
@@ -46,6 +48,8 @@ def _fuzzing_schema():
     names = {"enum": [*SERVED, "no-such-model"]}
     for request in ("ChatCompletionRequest", "CompletionRequest"):
         document["components"]["schemas"][request]["properties"]["model"] = names
+    embedders = {"enum": [EMBEDDING, SERVED[0], "no-such-model"]}  # and a chat model: 400
+    document["components"]["schemas"]["EmbeddingRequest"]["properties"]["model"] = embedders
     for operations in document["paths"].values():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):
@@ -71,6 +75,8 @@ RUNTIME_REFUSALS = {
     "token_out_of_vocabulary",
     "empty_prompt",
     "unsupported_schema",
+    "wrong_model_type",
+    "dimensions_too_large",
     # and what JSON Schema cannot say: names unique within a list, or one of another list's
     "duplicate_tool_name",
     "unknown_tool",
@@ -111,3 +117,7 @@ def test_server_still_serves_after_fuzzing(fuzz_server: RunningServer) -> None:
     response = httpx.post(f"{fuzz_server.url}/v1/completions", json=body, headers=AUTH, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] >= 1
+    body = {"model": EMBEDDING, "input": ["hello", "world"]}
+    response = httpx.post(f"{fuzz_server.url}/v1/embeddings", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 2

@@ -53,6 +53,14 @@ def llama_server_command(
     return [*command, "-t", str(threads), "-c", str(n_ctx), "-np", str(slots), *options]
 
 
+def build_llama_server() -> Path:
+    """llama.cpp's `llama-server` built from the sources our llama-cpp-python vendors, with our
+    CMake flags (scripts/build-llama-server.sh: several minutes once, then cached)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build-llama-server.sh"
+    done = subprocess.run(["bash", str(script)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 def llama_cpp_python_command(model: Path, port: int, threads: int, n_ctx: int) -> list[str]:
     """llama-cpp-python's own server with `--interrupt_requests False`: by default it cuts off a
     stream in flight whenever a new request arrives, which no client of a shared endpoint wants.

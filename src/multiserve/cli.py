@@ -118,11 +118,19 @@ def _settings(args: argparse.Namespace) -> Settings:
     if model is None and settings.models:
         return settings
     defaults = SamplingDefaults()
+    companions: list[ModelSpec] = []
     if model is None:
-        from multiserve.models.default import DEFAULT_MODEL_ID, default_model_path
+        from multiserve.models.default import (
+            DEFAULT_EMBEDDINGS_ID,
+            DEFAULT_MODEL_ID,
+            default_model_path,
+        )
 
         model, model_id = default_model_path(), DEFAULT_MODEL_ID
         defaults = SamplingDefaults(max_tokens=EMBEDDED_MAX_TOKENS)
+        # /v1/embeddings works out of the box: the same file in an embeddings context of its
+        # own, loaded on the first embeddings request
+        companions = [ModelSpec(id=DEFAULT_EMBEDDINGS_ID, path=model.resolve(), embedding=True)]
     else:
         if not model.is_file():
             raise ConfigError(f"--model: file not found: {model}")
@@ -135,8 +143,10 @@ def _settings(args: argparse.Namespace) -> Settings:
             n_ctx=args.ctx,
             preload=True,
             defaults=defaults,
+            embeddings_model=companions[0].id if companions else None,
         )
-        return Settings(**{**dict(settings), "models": [spec, *settings.models]})
+        models = [spec, *companions, *settings.models]
+        return Settings(**{**dict(settings), "models": models})
     except ValidationError as exc:
         problem = exc.errors()[0]
         where = ".".join(str(p) for p in problem["loc"]) or "model"

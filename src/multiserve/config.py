@@ -57,6 +57,11 @@ class SamplingDefaults(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+# n_ctx (longest input) and step_tokens (tokens embedded in one decode) of an embedding model
+# that sets neither: inputs of up to 512 tokens, several of them in each step
+EMBEDDING_SHAPE = {"n_ctx": 512, "step_tokens": 512}
+
+
 class ModelSpec(BaseModel):
     """One servable model: which GGUF, under which names, with which runtime shape."""
 
@@ -102,6 +107,35 @@ class ModelSpec(BaseModel):
         "is killed as hung (its requests get 503 model_crashed)",
     )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    embedding: bool = Field(
+        default=False, description="an embedding model: answers /v1/embeddings only"
+    )
+    pooling: Literal["mean", "cls", "last"] = Field(
+        default="mean", description="how an embedding model makes one vector of an input's tokens"
+    )
+    normalize: bool = Field(default=True, description="embeddings scaled to unit (L2) length")
+    embeddings_model: str | None = Field(
+        default=None,
+        description="id of the embedding model that answers /v1/embeddings for this model",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedding_shape(cls, data: object) -> object:
+        """An embedding model reads each input whole in one step, so its defaults are a step
+        that holds the longest input (the generative defaults would not)."""
+        if isinstance(data, dict) and data.get("embedding") is True:
+            return {**EMBEDDING_SHAPE, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _input_fits_one_step(self) -> ModelSpec:
+        if self.embedding and self.step_tokens < self.n_ctx:
+            raise ValueError(
+                f"step_tokens ({self.step_tokens}) must be at least n_ctx ({self.n_ctx}) for an "
+                "embedding model: each input is read whole in one step"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_holds_every_sequence(self) -> ModelSpec:
@@ -122,7 +156,7 @@ class ModelSpec(BaseModel):
 
     def host_cache_bytes(self, kv_cache_bytes: int) -> int:
         """The host prompt cache's bound for a KV cache of this size (0 with prefix reuse off)."""
-        if not self.prefix_cache:
+        if not self.prefix_cache or self.embedding:
             return 0
         return kv_cache_bytes // 4 if self.host_cache == "auto" else parse_size(self.host_cache)
 
@@ -197,6 +231,18 @@ class Settings(BaseModel):
             raise ValueError(
                 f"at most {MAX_WAITERS - 1} models with share_cores = true (got {len(self.models)})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _embeddings_models_exist(self) -> Settings:
+        embedding = {spec.id for spec in self.models if spec.embedding}
+        for spec in self.models:
+            target = spec.embeddings_model
+            if target is not None and (spec.embedding or target not in embedding):
+                raise ValueError(
+                    f"model {spec.id!r}: embeddings_model must name a model with embedding = "
+                    f"true (got {target!r})"
+                )
         return self
 
     @model_validator(mode="after")

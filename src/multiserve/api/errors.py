@@ -68,7 +68,6 @@ def model_not_found(name: str) -> APIError:
 
 # OpenAI API routes this server does not serve (yet), so a client learns which call it lacks.
 OPENAI_ROUTES = (
-    "/v1/embeddings",
     "/v1/responses",
     "/v1/images",
     "/v1/audio",

@@ -30,6 +30,7 @@ class ModelStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generation_tokens: int = 0
+    embedded_inputs: int = 0
     ttft: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     itl: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW * 16))
     e2e: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
@@ -86,6 +87,12 @@ class Metrics:
         )
         self.generation_tokens = Counter(
             "multiserve:generation_tokens", "Tokens generated.", label, registry=reg
+        )
+        self.embedded_inputs = Counter(
+            "multiserve:embedding_inputs",
+            "Inputs embedded (their tokens count as prompt tokens).",
+            label,
+            registry=reg,
         )
         self.cache_queries = Counter(
             "multiserve:prefix_cache_queries",
@@ -169,9 +176,12 @@ class Metrics:
                     "running": client.running if client else 0,
                     "waiting": client.waiting if client else 0,
                     "in_flight": client.in_flight if client else 0,
+                    "inputs_embedded": stats.embedded_inputs,
                 },
                 "tokens": {"prompt": stats.prompt_tokens, "generated": stats.generation_tokens},
-                "prefix_cache": {
+                "prefix_cache": None  # an embedding model keeps no prompt
+                if entry.spec.embedding
+                else {
                     "queried_tokens": stats.prompt_tokens,
                     "hit_tokens": stats.cached_tokens,
                     "hit_rate": round(stats.cached_tokens / stats.prompt_tokens, 4)
@@ -226,6 +236,18 @@ class RequestTracker:
         metrics.cache_hits.labels(self._model).inc(usage.cached_tokens)
         for reason in reasons:
             metrics.finished.labels(self._model, reason).inc()
+
+    def embedded(self, inputs: int, tokens: int) -> None:
+        """An embeddings request answered: `inputs` vectors from `tokens` prompt tokens."""
+        elapsed = time.perf_counter() - self.started
+        metrics, stats = self._metrics, self._stats
+        stats.succeeded += 1
+        stats.prompt_tokens += tokens
+        stats.embedded_inputs += inputs
+        stats.e2e.append(elapsed)
+        metrics.e2e.labels(self._model).observe(elapsed)
+        metrics.prompt_tokens.labels(self._model).inc(tokens)
+        metrics.embedded_inputs.labels(self._model).inc(inputs)
 
     def failed(self, kind: str) -> None:
         self._stats.failed += 1

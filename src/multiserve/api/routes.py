@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from multiserve.api.embeddings import EmbeddingFailed, embed, embedding_body
 from multiserve.api.errors import APIError, model_not_found
 from multiserve.api.formats import ChatFormat, TextFormat, WireFormat
 from multiserve.api.generation import (
@@ -24,11 +25,17 @@ from multiserve.api.generation import (
 from multiserve.api.metrics import Metrics
 from multiserve.api.openapi import EVENT_STREAM, error_responses
 from multiserve.api.rate_limit import RateLimiter, client_identity, retry_after_header
-from multiserve.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from multiserve.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    SamplingRequest,
+)
 from multiserve.api.security import API_KEY_SCOPE
 from multiserve.config import Settings
 from multiserve.engine.client import EngineClient, RequestCut
 from multiserve.engine.protocol import (
+    Embed,
     Generate,
     SamplingParams,
     TextPrompt,
@@ -119,6 +126,13 @@ async def _admitted(
     if state.draining:
         raise shutting_down()
     entry = _entry(state, body.model)
+    if entry.spec.embedding:
+        raise APIError(
+            400,
+            f"model `{entry.spec.id}` is an embedding model: it answers only /v1/embeddings",
+            param="model",
+            code="wrong_model_type",
+        )
     limit = min(state.settings.max_n, entry.spec.n_parallel)
     if body.n > limit:
         raise APIError(
@@ -134,9 +148,14 @@ async def _admitted(
             param="prompt",
             code="too_many_prompts",
         )
+    return entry, _ticket(state, request, entry, prompts)
+
+
+def _ticket(state: ServerState, request: Request, entry: ModelEntry, places: int) -> Ticket:
+    """A place in the model's queue for each of `places` prompts, or the refusal."""
     _check_rate(state, request, entry.spec.id)
     try:
-        return entry, state.fleet.admit(entry, prompts)
+        return state.fleet.admit(entry, places)
     except Overloaded as exc:
         state.metrics.refused(entry.spec.id, "queue_full")
         raise APIError(
@@ -413,3 +432,52 @@ async def stats(request: Request) -> dict:
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.prometheus(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _embedding_entry(state: ServerState, name: str) -> ModelEntry:
+    """The embedding model answering for `name`: itself, or its `embeddings_model`."""
+    entry = _entry(state, name)
+    if entry.spec.embedding:
+        return entry
+    if entry.spec.embeddings_model is not None:
+        return state.fleet.entries[entry.spec.embeddings_model]
+    raise APIError(
+        400,
+        f"model `{entry.spec.id}` does not make embeddings: ask a model served with "
+        "`embedding = true` (for retrieval, a dedicated embedding GGUF such as nomic-embed or bge)",
+        param="model",
+        code="wrong_model_type",
+    )
+
+
+@router.post("/v1/embeddings", responses=error_responses(400, 404, 429, 500, 503))
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """Every input's vector, in one batched run on the embedding model's worker."""
+    state = _state(request)
+    arrived = time.monotonic()
+    if state.draining:
+        raise shutting_down()
+    entry = _embedding_entry(state, body.model)
+    ticket = _ticket(state, request, entry, 1)
+    tracker = state.metrics.track(entry.spec.id)
+    deadline = arrived + entry.spec.queue_timeout
+    try:
+        engine = await _engine(state, request, entry, ticket, deadline)
+        work = Embed(uuid.uuid4().hex, body.inputs, body.dimensions, deadline)
+        embedded = await unless_disconnected(request, embed(engine, work, ticket))
+    except EmbeddingFailed as failure:
+        tracker.failed(failure.kind)
+        raise failure.error from None
+    except APIError as exc:
+        tracker.failed(exc.code or "invalid_request")
+        raise
+    except ClientDisconnected:
+        tracker.failed("client_disconnected")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    except asyncio.CancelledError:
+        tracker.failed("client_disconnected")
+        raise
+    finally:
+        ticket.release()
+    tracker.embedded(len(embedded.vectors), embedded.prompt_tokens)
+    return JSONResponse(embedding_body(embedded, body.model, body.encoding_format))

@@ -510,3 +510,62 @@ class CompletionRequest(SamplingRequest):
     @property
     def logprobs_count(self) -> int | None:
         return self.logprobs
+
+
+MAX_EMBEDDING_INPUTS = 2048  # per /v1/embeddings request, as OpenAI
+MAX_DIMENSIONS = 1 << 16
+_TOKEN_IDS = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID},
+    "minItems": 1,
+    "maxItems": MAX_PROMPT_TOKENS,
+}
+_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
+EMBEDDING_INPUT_SCHEMA = {
+    "anyOf": [
+        _TEXT,
+        _TOKEN_IDS,
+        {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS},
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS},
+    ]
+}
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings body. Strict types, null means the default, other fields are refused
+    by name (as for completions)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(min_length=1, max_length=256)
+    input: Annotated[
+        str | list[TokenIdValue] | list[str] | list[list[TokenIdValue]],
+        WithJsonSchema(EMBEDDING_INPUT_SCHEMA),
+    ]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Annotated[int, Field(ge=1, le=MAX_DIMENSIONS), WHOLE] | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("input")
+    @classmethod
+    def _inputs_in_bounds(cls, value: Any) -> Any:
+        """Texts or token ids: one, or a list of up to MAX_EMBEDDING_INPUTS; none empty."""
+        if value == []:
+            raise ValueError("input must hold at least one text or token array")
+        inputs = value if _is_prompt_list(value) else [value]
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        for index, item in enumerate(inputs):
+            if len(item) == 0:
+                raise ValueError(f"input[{index}] is empty")
+            if isinstance(item, str) and len(item) > MAX_PROMPT_CHARS:
+                raise ValueError(f"input[{index}] is longer than {MAX_PROMPT_CHARS} characters")
+            if isinstance(item, list) and len(item) > MAX_PROMPT_TOKENS:
+                raise ValueError(f"input[{index}] has more than {MAX_PROMPT_TOKENS} token ids")
+        return value
+
+    @property
+    def inputs(self) -> tuple[str | tuple[int, ...], ...]:
+        """Every input, in order: the response's `index` is its place here."""
+        listed = self.input if _is_prompt_list(self.input) else [self.input]
+        return tuple(item if isinstance(item, str) else tuple(item) for item in listed)

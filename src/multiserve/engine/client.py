@@ -24,6 +24,8 @@ from multiserve.engine.protocol import (
     CacheUsage,
     Cancel,
     ChoiceDelta,
+    Embed,
+    Embedded,
     Event,
     Generate,
     Load,
@@ -86,11 +88,11 @@ class WorkerProcess:
 class RequestStream:
     """Events of one request, in order; `close` cancels it in the worker if it is not done."""
 
-    def __init__(self, client: EngineClient, request: Generate) -> None:
+    def __init__(self, client: EngineClient, request: Generate | Embed) -> None:
         self._client = client
         self.request = request
         self.queue: asyncio.Queue[Event | _Exited | _Cut] = asyncio.Queue()
-        self._open_choices = request.n
+        self._open_choices = request.n if isinstance(request, Generate) else 1
         self.done = False
         self.cached_tokens = 0  # prompt tokens the worker took from its cache
 
@@ -104,7 +106,7 @@ class RequestStream:
         if isinstance(event, _Cut):
             self.done = True
             raise RequestCut("the server is shutting down")
-        if isinstance(event, Rejected):
+        if isinstance(event, Rejected | Embedded):
             self.done = True
         elif isinstance(event, Prefilled):
             self.cached_tokens = event.cached_tokens
@@ -167,7 +169,7 @@ class EngineClient:
             f"model worker exited while loading (exit code {self._process.exitcode})"
         )
 
-    def open(self, request: Generate) -> RequestStream:
+    def open(self, request: Generate | Embed) -> RequestStream:
         """Send a request; read its events from the returned stream, and always `close` it."""
         if not self.accepting:
             raise RequestCut("the server is shutting down")

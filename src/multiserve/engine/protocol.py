@@ -2,14 +2,18 @@
 
 A worker starts blank (so one can be started ahead of need) and gets `Load`; it answers once with
 `WorkerReady` or `LoadFailed`. Then the API process sends `Generate`, `Cancel` and `Shutdown`, and
-the worker sends one `StepOutput` per batched decode step carrying every request's events.
+the worker sends one `StepOutput` per batched decode step carrying every request's events. An
+embedding model's worker takes `Embed` instead of `Generate` and answers each with `Embedded`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from multiserve.tools.layouts import ToolLayout
 
@@ -31,6 +35,9 @@ class WorkerConfig:
     swa_full: bool = True  # sliding-window models keep every cell, so any prefix can be reused
     prefix_cache: bool = True  # reuse cached prompt prefixes across requests
     host_cache_bytes: int = 0  # bound of the prompt cache in host memory (0: none)
+    embedding: bool = False  # an embeddings context: takes `Embed`, answers `Embedded`
+    pooling: str = "mean"  # an input's vector from its tokens': "mean", "cls" or "last"
+    normalize: bool = True  # vectors scaled to unit length
 
 
 @dataclass(frozen=True)
@@ -204,7 +211,27 @@ class ChoiceDelta:
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
-Event = Accepted | Prefilled | Rejected | ChoiceDelta
+@dataclass(frozen=True)
+class Embed:
+    """Inputs to embed, each a text (tokenized by the worker) or token ids; `Embedded` or
+    `Rejected` answers it."""
+
+    request_id: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    dimensions: int | None = None  # keep this many leading components (renormalised)
+    queue_deadline: float | None = None  # time.monotonic() after which it may not start
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Every input's vector, in order: float32 rows; None when llama_decode failed."""
+
+    request_id: str
+    vectors: np.ndarray | None
+    prompt_tokens: int
+
+
+Event = Accepted | Prefilled | Rejected | ChoiceDelta | Embedded
 
 
 @dataclass(frozen=True)

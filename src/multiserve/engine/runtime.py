@@ -11,12 +11,31 @@ import sys
 
 import llama_cpp as ll
 import numpy as np
+from llama_cpp._ggml import libggml
 
 from multiserve.engine.protocol import ModelInfo, WorkerConfig
 from multiserve.tools.layouts import TRIGGERS
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h; not exported by llama_cpp
 _KV_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
+
+
+# The tensor an embeddings context's vectors are read from (with pooling off: every token's, and
+# inputs are pooled here)
+_EMBEDDINGS_NODE = b"result_embd_pooled"
+_ggml_get_name = libggml.ggml_get_name
+_ggml_get_name.argtypes = [ctypes.c_void_p]
+_ggml_get_name.restype = ctypes.c_char_p
+
+
+@ll.ggml_backend_sched_eval_callback
+def _stop_after_embeddings(tensor: ctypes.c_void_p, ask: bool, _user_data: ctypes.c_void_p) -> bool:
+    """Ask to see the embeddings node; seeing it, cancel the rest of the graph.
+
+    A generative model's graph goes on from its hidden states to the vocabulary projection of
+    every token, which an embeddings request never reads: for Gemma 3 (262k tokens) it costs
+    more than the whole model beneath it."""
+    return ask and _ggml_get_name(tensor) == _EMBEDDINGS_NODE
 
 
 class LoadError(RuntimeError):
@@ -85,6 +104,11 @@ def context_params(config: WorkerConfig) -> ll.llama_context_params:
     params.flash_attn_type = (
         ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if use_flash else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
     )
+    if config.embedding:
+        # one step's inputs, whole, in one ubatch; the cache is cleared after every step
+        params.n_ctx = config.step_tokens
+        params.embeddings = True
+        params.pooling_type = ll.LLAMA_POOLING_TYPE_NONE  # every token's vector: pooled here
     return params
 
 
@@ -108,7 +132,13 @@ class Runtime:
         self.vocab = ll.llama_model_get_vocab(model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
 
-        ctx = ll.llama_init_from_model(model, context_params(config))
+        params = context_params(config)
+        architecture = self.meta("general.architecture")
+        if config.embedding and self.meta(f"{architecture}.pooling_type") is None:
+            # a model made for embeddings names its pooling, and its graph may go on past the
+            # per-token vectors (dense layers); one that names none is a generative model
+            params.cb_eval = _stop_after_embeddings
+        ctx = ll.llama_init_from_model(model, params)
         if not ctx:
             ll.llama_model_free(model)
             raise LoadError("llama.cpp could not create a context (out of memory or bad shape)")
@@ -119,6 +149,7 @@ class Runtime:
         self.swa_window = 0 if config.swa_full else n_swa
         self._piece_buf = ctypes.create_string_buffer(256)
         self._piece_cache: dict[int, bytes] = {}
+        self.n_embd = ll.llama_model_n_embd_out(model)
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -204,6 +235,16 @@ class Runtime:
         """The logits in llama.cpp's buffer, valid only until the next decode."""
         ptr = ll.llama_get_logits_ith(self.ctx, batch_index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def embeddings(self, n_tokens: int) -> np.ndarray:
+        """Every token's vector of the last decode (an embeddings context), in batch order; valid
+        only until the next decode."""
+        ptr = ll.llama_get_embeddings(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_tokens, self.n_embd))
+
+    def clear(self) -> None:
+        """Forget every sequence's cells (an embeddings context keeps none between steps)."""
+        ll.llama_memory_clear(self.memory, False)
 
     def forget(self, seq: int) -> None:
         """Free a sequence's KV cells at once so the slot and its memory can be reused."""

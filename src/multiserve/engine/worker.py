@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from multiserve.engine.protocol import (
     CacheUsage,
     Cancel,
+    Embed,
     Event,
     Generate,
     Load,
@@ -35,6 +36,7 @@ from multiserve.engine.protocol import (
 )
 
 if TYPE_CHECKING:
+    from multiserve.engine.embedder import Embedder, EmbedJob
     from multiserve.engine.lease import ComputeLease
     from multiserve.engine.scheduler import Job, Scheduler
 
@@ -48,7 +50,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _prepare(scheduler: Scheduler, request: Generate) -> Job | Rejected:
+def _prepare(
+    scheduler: Scheduler | Embedder, request: Generate | Embed
+) -> Job | EmbedJob | Rejected:
     """A request made ready to queue; an unexpected error fails that request, not the worker."""
     try:
         return scheduler.prepare(request)
@@ -60,7 +64,9 @@ def _prepare(scheduler: Scheduler, request: Generate) -> Job | Rejected:
 _GONE = object()  # the pipe closed: the API process is gone
 
 
-def _read_commands(conn: Connection, scheduler: Scheduler, inbox: queue.SimpleQueue) -> None:
+def _read_commands(
+    conn: Connection, scheduler: Scheduler | Embedder, inbox: queue.SimpleQueue
+) -> None:
     """Reader thread: commands in arrival order, requests already prepared.
 
     At the lowest priority: on a machine whose cores all decode, a preparing thread that ran
@@ -70,7 +76,8 @@ def _read_commands(conn: Connection, scheduler: Scheduler, inbox: queue.SimpleQu
     try:
         while True:
             message = conn.recv()
-            inbox.put(_prepare(scheduler, message) if isinstance(message, Generate) else message)
+            ready = isinstance(message, Generate | Embed)
+            inbox.put(_prepare(scheduler, message) if ready else message)
             if isinstance(message, Shutdown):
                 return
     except (EOFError, OSError):
@@ -94,6 +101,7 @@ def run_worker(conn: Connection, lease: ComputeLease | None, nice: int) -> None:
     os.nice(nice)
     parent = os.getppid()
 
+    from multiserve.engine.embedder import Embedder
     from multiserve.engine.runtime import LoadError, Runtime
     from multiserve.engine.scheduler import Scheduler
 
@@ -107,12 +115,15 @@ def run_worker(conn: Connection, lease: ComputeLease | None, nice: int) -> None:
             conn.send(LoadFailed(str(exc)))
             return
         conn.send(WorkerReady(runtime.info(), os.getpid()))
-        _serve(conn, Scheduler(runtime), lease, parent)
+        steps = Embedder(runtime) if load.config.embedding else Scheduler(runtime)
+        _serve(conn, steps, lease, parent)
     except (EOFError, BrokenPipeError):
         return  # the API process is gone
 
 
-def _serve(conn: Connection, scheduler: Scheduler, lease: ComputeLease | None, parent: int):
+def _serve(
+    conn: Connection, scheduler: Scheduler | Embedder, lease: ComputeLease | None, parent: int
+):
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     reader = threading.Thread(target=_read_commands, args=(conn, scheduler, inbox), daemon=True)
     reader.start()

@@ -486,6 +486,9 @@ def worker_config(spec: ModelSpec, threads: int, host_cache_bytes: int = 0) -> W
         swa_full=spec.swa_full,
         prefix_cache=spec.prefix_cache,
         host_cache_bytes=host_cache_bytes,
+        embedding=spec.embedding,
+        pooling=spec.pooling,
+        normalize=spec.normalize,
     )
 
 

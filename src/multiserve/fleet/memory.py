@@ -7,6 +7,10 @@ worker process itself. Sliding-window layers count at full size, which is what t
 the sizes llama.cpp allocates (checked against its own buffer-size log lines: KV exact, compute
 within 15% above, tested with flash attention off and on); RSS grows toward them as contexts
 fill, and /stats shows it beside them.
+
+An embedding model's context holds one step (its cache is cleared after each), and every token of
+a step is an output: llama.cpp's output buffer then holds a step's logits (whether the graph
+computes them or not) and vectors, counted with the compute buffers.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def estimate_memory(header: GGUFHeader, spec: ModelSpec) -> MemoryEstimate:
     tokens = header.metadata.get("tokenizer.ggml.tokens")
     n_vocab = tokens.count if isinstance(tokens, ArrayInfo) else 32_000
 
-    cells = -(-spec.n_ctx * spec.n_parallel // KV_CELL_ROUNDING) * KV_CELL_ROUNDING
+    held = spec.step_tokens if spec.embedding else spec.n_ctx * spec.n_parallel
+    cells = -(-held // KV_CELL_ROUNDING) * KV_CELL_ROUNDING
     per_element = KV_BYTES_PER_ELEMENT[spec.kv_cache_type]
     kv_cache = int(n_layer * cells * n_head_kv * (key_len + value_len) * per_element)
     n_ff = _largest(header.arch_value("feed_forward_length"), 4 * n_embd)
@@ -81,4 +86,6 @@ def estimate_memory(header: GGUFHeader, spec: ModelSpec) -> MemoryEstimate:
     attention = 2 * step * cells if spec.flash_attn else 4 * (n_head + 1) * step * cells
     largest = max(4 * n_vocab * step, attention, 4 * 2 * n_ff * step)
     compute = largest + 4 * 6 * n_embd * step
+    if spec.embedding:
+        compute += 4 * (n_vocab + n_embd) * max(step, spec.n_parallel)
     return MemoryEstimate(header.weights_bytes, kv_cache, compute, spec.host_cache_bytes(kv_cache))

