@@ -21,7 +21,14 @@ from multiserve.templates.chat import ChatTemplate
 from multiserve.tools.layouts import detect_layout
 from multiserve.tools.prompting import template_messages
 from test_fleet import _config, _model
-from tiny_gguf import TOOL_CALL_OPEN_ID, TOOL_CALLS_ID, write_tiny_model
+from tiny_gguf import (
+    END_OF_TURN_ID,
+    EOS_ID,
+    TOKEN_TO_ID,
+    TOOL_CALL_OPEN_ID,
+    TOOL_CALLS_ID,
+    write_tiny_model,
+)
 
 HERMES = (
     "{% if tools %}{{ '<|im_start|>system\\n# Tools\\n<tools>' }}"
@@ -379,3 +386,26 @@ def test_each_of_n_choices_reads_its_own_calls_in_a_stream_with_usage(client: Op
         [pieces] = calls[index].values()
         assert json.loads("".join(pieces)) is not None
     assert usage is not None and usage.completion_tokens > 10
+
+
+@pytest.mark.parametrize("family", ["hermes", "mistral", "generic"])
+def test_parallel_calls_come_back_as_separate_valid_calls(client: OpenAI, family: str) -> None:
+    """With its end-of-turn tokens and `]` (which closes Mistral's and the generic list of calls)
+    biased away, the model goes on calling until max_tokens: every call it finished is whole
+    and valid (the last may be cut by the token limit)."""
+    reply = client.chat.completions.create(
+        model=family,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        logit_bias={str(t): -100 for t in (EOS_ID, END_OF_TURN_ID, TOKEN_TO_ID["]"])},
+        max_tokens=300,
+        seed=11,
+    )
+    answer = reply.choices[0]
+    calls = answer.message.tool_calls
+    finished = calls[:-1] if answer.finish_reason == "length" else calls
+    assert len(finished) >= 2
+    assert len({call.id for call in calls}) == len(calls)
+    for call in finished:
+        _valid(call)
