@@ -213,6 +213,12 @@ def test_streamed_calls_assemble_to_the_same_calls(client: OpenAI, family: str) 
     with client.chat.completions.stream(**request) as stream:
         chunks = [event.chunk for event in stream if event.type == "chunk"]
         streamed = stream.get_final_completion().choices[0]
+    # the helper's message (with its parsed_arguments) goes back as the next turn's history
+    history = [*ASK, streamed.message]
+    for call in streamed.message.tool_calls:
+        history.append({"role": "tool", "tool_call_id": call.id, "content": "21"})
+    follow_up = client.chat.completions.create(model=family, messages=history, max_tokens=2)
+    assert follow_up.usage.completion_tokens >= 1
     assert streamed.finish_reason == whole.finish_reason
     names = [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls]
     assert names == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
@@ -233,7 +239,7 @@ def test_a_full_round_trip_renders_calls_and_results(client: OpenAI, family: str
     call = first.choices[0].message.tool_calls[0]
     history = [
         *ASK,
-        first.choices[0].message.model_dump(exclude_none=True),
+        first.choices[0].message,  # handed back as the client returned it
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
     ]
     answer = client.chat.completions.create(

@@ -331,6 +331,8 @@ class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(pattern=FUNCTION_NAME)
     arguments: str
+    # what the `openai` client's parse and stream helpers add to a message it is handed back
+    parsed_arguments: Any = None
 
 
 class ToolCall(BaseModel):
@@ -338,6 +340,7 @@ class ToolCall(BaseModel):
     id: str = Field(pattern=CALL_ID)
     type: Literal["function"]
     function: FunctionCall
+    index: int | None = None  # the `openai` client's stream helper keeps the delta's index
 
 
 ROLES_WITHOUT_CALL_ID = ["system", "developer", "user", "assistant"]
@@ -366,6 +369,11 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(default=None, pattern=CALL_ID)
     refusal: str | None = None  # echoed back by clients that replay an assistant message
+    # what the `openai` client's parse and stream helpers add to a message it is handed back
+    parsed: Any = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
