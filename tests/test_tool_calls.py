@@ -220,6 +220,7 @@ def test_streamed_calls_assemble_to_the_same_calls(client: OpenAI, family: str) 
     follow_up = client.chat.completions.create(model=family, messages=history, max_tokens=2)
     assert follow_up.usage.completion_tokens >= 1
     assert streamed.finish_reason == whole.finish_reason
+    assert streamed.message.content is None and whole.message.content is None  # calls alone
     names = [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls]
     assert names == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
     assert len(chunks) > len(names) + 2  # arguments came in fragments, not in one piece

@@ -115,13 +115,15 @@ class ChatFormat(WireFormat):
         }
 
     def opening_chunks(self, n: int) -> list[dict]:
+        # with tools the answer may be calls alone, whose content OpenAI gives as null
+        content = None if self.tools is not None else ""
         return [
             self._envelope(
                 self.chunk_object_name,
                 [
                     {
                         "index": i,
-                        "delta": {"role": "assistant", "content": ""},
+                        "delta": {"role": "assistant", "content": content},
                         "logprobs": None,
                         "finish_reason": None,
                     }
