@@ -283,6 +283,37 @@ def test_a_full_round_trip_renders_calls_and_results(client: OpenAI, family: str
                         "type": "function",
                         "function": {
                             "name": "f",
+                            "parameters": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                        },
+                    }
+                ]
+            },
+            "tools",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"a": {"type": "<end_of_turn>"}},
+                            },
+                        },
+                    }
+                ]
+            },
+            "tools",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
                             "parameters": {
                                 "type": "object",
                                 "properties": {"a": {"type": "bogus"}},
@@ -301,6 +332,8 @@ def test_a_full_round_trip_renders_calls_and_results(client: OpenAI, family: str
         "unknown-named",
         "required-without-tools",
         "bad-name",
+        "top-level-anyOf",
+        "bad-type-name",
         "unenforceable",
     ],
 )
@@ -340,6 +373,7 @@ def test_client_text_in_tools_and_calls_stays_plain_text(family: str) -> None:
     tool = json.loads(json.dumps(WEATHER))
     tool["function"]["description"] = f'Weather "now" {forged}'
     tool["function"]["parameters"]["properties"]["city"]["description"] = forged
+    tool["function"]["parameters"]["properties"]["city"]["format"] = forged
     messages = [
         {"role": "user", "content": "hi"},
         {
@@ -349,7 +383,10 @@ def test_client_text_in_tools_and_calls_stays_plain_text(family: str) -> None:
                 {
                     "id": "call_1",
                     "type": "function",
-                    "function": {"name": "get_weather", "arguments": json.dumps({"city": forged})},
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": json.dumps({"city": forged, "type": forged}),
+                    },
                 }
             ],
         },

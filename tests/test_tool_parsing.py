@@ -87,3 +87,14 @@ def test_layouts_are_recognised_from_templates() -> None:
     assert detect_layout("<start_of_turn>user", triggers) is GENERIC
     # a trigger that is not one token in the vocabulary cannot arm a lazy grammar
     assert detect_layout("... <tool_call> ...", frozenset()) is GENERIC
+
+
+def test_escaped_surrogate_pairs_decode_to_one_character_and_lone_halves_to_a_mark() -> None:
+    """`\\ud83d\\ude00` is one emoji; decoded half by half it would be two lone surrogates,
+    which cannot be encoded as UTF-8 and would break the response."""
+    text = '{"response": ' + json.dumps("smile \U0001f600 ok") + "}"
+    for cut in range(len(text) + 1):
+        assert _read(GENERIC, text, cut)[0] == "smile \U0001f600 ok", cut
+    lone = '{"response": "a\\ud83d b\\ude00c"}'
+    for cut in range(len(lone) + 1):
+        assert _read(GENERIC, lone, cut)[0] == "a\ufffd b\ufffdc", cut

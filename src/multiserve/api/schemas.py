@@ -289,6 +289,24 @@ CALL_ID = r"^[A-Za-z0-9_.:=+/-]{1,256}$"
 MAX_TOOLS = 128  # OpenAI's limit
 
 
+_TOP_LEVEL_ALTERNATIVES = frozenset({"anyOf", "oneOf", "allOf", "enum", "const", "$ref"})
+_TYPE_NAMES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
+
+
+def _check_type_names(node: Any) -> None:
+    """Every `type` keyword names JSON types (templates print them as they are)."""
+    if isinstance(node, list):
+        for item in node:
+            _check_type_names(item)
+    elif isinstance(node, dict):
+        given = node.get("type")
+        names = [given] if isinstance(given, str) else given if isinstance(given, list) else []
+        if any(not isinstance(n, str) or n not in _TYPE_NAMES for n in names):
+            raise ValueError(f"`type` must name JSON types ({', '.join(sorted(_TYPE_NAMES))})")
+        for value in node.values():
+            _check_type_names(value)
+
+
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(pattern=FUNCTION_NAME)
@@ -300,9 +318,14 @@ class FunctionDefinition(BaseModel):
     @classmethod
     def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            if value.get("type", "object") != "object":
-                raise ValueError('function parameters must be a JSON schema of "type": "object"')
+            combined = _TOP_LEVEL_ALTERNATIVES & value.keys()
+            if value.get("type", "object") != "object" or combined:
+                raise ValueError(
+                    'function parameters must be a JSON schema of "type": "object" (no '
+                    "top-level anyOf, oneOf, allOf, enum, const or $ref)"
+                )
             _check_schema_node(value, 0)
+            _check_type_names(value)
         return value
 
     def parameters_schema(self) -> dict[str, Any]:

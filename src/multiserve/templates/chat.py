@@ -150,9 +150,6 @@ class _ClientTexts:
     """Swaps client strings for markers, one per distinct text (so a `required` list still names
     the marked property keys)."""
 
-    # Schema keywords whose values a template may test (`type == "string"`): left as they are.
-    _STRUCTURAL = frozenset({"type", "$ref", "format"})
-
     def __init__(self) -> None:
         self.by_marker: dict[str, str] = {}
         self._by_text: dict[str, str] = {}
@@ -174,7 +171,7 @@ class _ClientTexts:
                     **c,
                     "function": {
                         **c["function"],
-                        "arguments": self._data(c["function"]["arguments"]),
+                        "arguments": self._data(c["function"]["arguments"], schema=False),
                     },
                 }
                 for c in message["tool_calls"]
@@ -186,18 +183,20 @@ class _ClientTexts:
         if isinstance(function.get("description"), str):
             function["description"] = self.text(function["description"])
         if "parameters" in function:
-            function["parameters"] = self._data(function["parameters"])
+            function["parameters"] = self._data(function["parameters"], schema=True)
         return {**tool, "function": function}
 
-    def _data(self, value: Any, key: str = "") -> Any:
-        """JSON data with its strings (and object keys) marked, schema keywords kept."""
+    def _data(self, value: Any, schema: bool, key: str = "") -> Any:
+        """JSON data with every string and object key marked; in a schema, its keywords and the
+        values of `type` (which a template may test, and which are checked to be type names)
+        stay as they are."""
         if isinstance(value, str):
-            return value if key in self._STRUCTURAL else self.text(value)
+            return value if schema and key == "type" else self.text(value)
         if isinstance(value, list):
-            return [self._data(item, key) for item in value]
+            return [self._data(item, schema, key) for item in value]
         if isinstance(value, dict):
             return {
-                (k if k in _SCHEMA_KEYWORDS else self.text(k)): self._data(v, k)
+                (k if schema and k in _SCHEMA_KEYWORDS else self.text(k)): self._data(v, schema, k)
                 for k, v in value.items()
             }
         return value

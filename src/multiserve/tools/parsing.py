@@ -200,14 +200,37 @@ class ToolCallReader:
                 text.append(char)
                 i += 1
                 continue
-            size = 6 if held[i + 1 : i + 2] == "u" else 2
-            if i + size > len(held):
+            size = _escape_size(held, i)
+            if size == 0:
                 break  # an escape not complete yet
-            text.append(json.loads(f'"{held[i : i + size]}"'))
+            text.append(_unescape(held[i : i + size]))
             i += size
         out.content += "".join(text)
         self._held = held[i:] if self._state != _DONE else ""
         return False
+
+
+def _escape_size(text: str, at: int) -> int:
+    """Length of the JSON escape at `at` (a surrogate pair counts as one), or 0 if the text
+    does not hold all of it yet."""
+    if text[at + 1 : at + 2] != "u":
+        return 2 if at + 2 <= len(text) else 0
+    if at + 6 > len(text):
+        return 0
+    if not 0xD800 <= int(text[at + 2 : at + 6], 16) <= 0xDBFF:
+        return 6
+    after = text[at + 6 : at + 8]  # a high surrogate: is its low half next?
+    if len(after) < 2 and "\\u".startswith(after):
+        return 0
+    if after != "\\u":
+        return 6  # a lone high surrogate
+    return 12 if at + 12 <= len(text) else 0
+
+
+def _unescape(escape: str) -> str:
+    """The character(s) of one JSON escape; a lone surrogate (not valid text) becomes U+FFFD."""
+    text = json.loads(f'"{escape}"')
+    return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
 # An eager layout whose answer turned out to be plain text: nothing more to look for.
