@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Literal
 
 import jsonschema
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError, OpenAI, pydantic_function_tool
+from pydantic import BaseModel, Field
 
 from conftest import RunningServer, run_server
 from multiserve.templates.chat import ChatTemplate
@@ -453,3 +455,30 @@ def test_parallel_calls_come_back_as_separate_valid_calls(client: OpenAI, family
     assert len({call.id for call in calls}) == len(calls)
     for call in finished:
         _valid(call)
+
+
+def test_tools_made_from_nested_pydantic_models_are_enforced(client: OpenAI) -> None:
+    """`openai.pydantic_function_tool` (and LangChain, the Agents SDK) put nested models in
+    `$defs`; nested in the call's schema, their references must still resolve."""
+
+    class Place(BaseModel):
+        city: str = Field(pattern="^[A-Za-z]{1,10}$")
+        country: Literal["FR", "IT"]
+
+    class Trip(BaseModel):
+        start: Place
+        stops: list[Place] = Field(max_length=2)
+
+    tool = pydantic_function_tool(Trip)
+    reply = client.chat.completions.create(
+        model="hermes",
+        messages=ASK,
+        tools=[tool, pydantic_function_tool(Trip, name="Other")],
+        tool_choice={"type": "function", "function": {"name": "Trip"}},
+        parallel_tool_calls=False,
+        max_tokens=300,
+        seed=2,
+    )
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "Trip"
+    Trip.model_validate_json(call.function.arguments)

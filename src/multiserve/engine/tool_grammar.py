@@ -33,24 +33,53 @@ def _call_rules(constraint: ToolConstraint) -> str:
     """Rules for one call object of any of the tools, its top rule named `tool-call`."""
     key = constraint.layout.arguments_key
     alternatives = []
-    for name, parameters in constraint.tools:
+    definitions: dict[str, object] = {}
+    for index, (name, parameters) in enumerate(constraint.tools):
+        schema, own = _hoisted(json.loads(parameters), f"tool{index}_")
+        definitions.update(own)
         alternatives.append(
             {
                 "type": "object",
-                "properties": {
-                    "name": {"const": name},
-                    key: json.loads(parameters),
-                },
+                "properties": {"name": {"const": name}, key: schema},
                 "required": ["name", key],
             }
         )
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+    if definitions:
+        schema = {**schema, "$defs": definitions}
     try:
         rules = json_schema_grammar(schema)
     except SchemaNotEnforceable as exc:
         names = ", ".join(name for name, _ in constraint.tools)
         raise ToolSchemaError(f"tool parameters cannot be enforced ({names}): {exc}") from None
     return re.sub(r"^root ::=", "tool-call ::=", rules, count=1, flags=re.MULTILINE)
+
+
+_DEFINITIONS = ("$defs", "definitions")
+
+
+def _hoisted(parameters: dict, prefix: str) -> tuple[object, dict[str, object]]:
+    """A tool's parameters without their definitions, and those definitions renamed with
+    `prefix`: nested in the call's schema, `#/$defs/X` would point at the call, not the tool
+    (pydantic models with nested models come with such references)."""
+    renames: dict[str, str] = {}
+    definitions: dict[str, object] = {}
+    for section in _DEFINITIONS:
+        for name, definition in (parameters.get(section) or {}).items():
+            renames[f"#/{section}/{name}"] = f"#/$defs/{prefix}{name}"
+            definitions[f"{prefix}{name}"] = definition
+
+    def rewrite(node: object) -> object:
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: rewrite(v) for k, v in node.items() if k not in _DEFINITIONS}
+        if node.get("$ref") in renames:
+            out["$ref"] = renames[node["$ref"]]
+        return out
+
+    return rewrite(parameters), {name: rewrite(d) for name, d in definitions.items()}
 
 
 def tool_grammar(constraint: ToolConstraint) -> str:
