@@ -327,6 +327,10 @@ def test_a_full_round_trip_renders_calls_and_results(client: OpenAI, family: str
             },
             "tools",
         ),
+        (
+            {"tools": [WEATHER], "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
     ],
     ids=[
         "not-an-object",
@@ -337,6 +341,7 @@ def test_a_full_round_trip_renders_calls_and_results(client: OpenAI, family: str
         "top-level-anyOf",
         "bad-type-name",
         "unenforceable",
+        "with-response-format",
     ],
 )
 def test_bad_tools_are_a_400_naming_the_field(

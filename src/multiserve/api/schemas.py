@@ -433,17 +433,36 @@ class Prediction(BaseModel):
     content: str | list[TextPart]
 
 
-def _calls_need_tools(schema: dict[str, Any]) -> None:
-    """Publish that `tool_choice` "required" or a named function needs a non-empty `tools`."""
+def _tool_rules(schema: dict[str, Any]) -> None:
+    """Publish the model validator's rules: `tool_choice` "required" or a named function needs
+    `tools`; a structured `response_format` does not go with tools the model may call."""
     _nulls_allowed(schema)
-    schema["anyOf"] = [
-        {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
-        {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+    no_tools = {"properties": {"tools": {"type": ["array", "null"], "maxItems": 0}}}
+    schema["allOf"] = [
+        {
+            "anyOf": [
+                {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
+                {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+            ]
+        },
+        {
+            "anyOf": [
+                no_tools,
+                {"properties": {"tool_choice": {"const": "none"}}},
+                {
+                    "properties": {
+                        "response_format": {
+                            "anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]
+                        }
+                    }
+                },
+            ]
+        },
     ]
 
 
 class ChatCompletionRequest(SamplingRequest):
-    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_calls_need_tools)
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_tool_rules)
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: TokenCount | None = None
@@ -462,6 +481,12 @@ class ChatCompletionRequest(SamplingRequest):
     def _calls_need_tools(self) -> ChatCompletionRequest:
         if self.call_required and not self.tools:
             raise ValueError("tool_choice: a call is required, but there are no `tools`")
+        structured = self.response_format is not None and self.response_format.type != "text"
+        if structured and self.callable_tools():
+            raise ValueError(
+                "response_format (json_object, json_schema) cannot be combined with tools the "
+                'model may call yet: send one or the other, or tool_choice "none"'
+            )
         return self
 
     def tools_problem(self) -> tuple[str, str, str] | None:
