@@ -27,7 +27,7 @@ from multiserve.engine.runtime import Batch, Runtime, context_params
 from multiserve.fleet.manager import worker_config
 from test_fleet import _config, _model, _states, _stats, _wait_for
 from test_observability import _metrics
-from tiny_gguf import BOS_ID, TOKEN_TO_ID
+from tiny_gguf import BOS_ID, TOKEN_TO_ID, write_tiny_model
 
 N_EMBD = 64  # the tiny model's embedding size
 HELLO, WORLD, CAT = (TOKEN_TO_ID[f"\u2581{word}"] for word in ("hello", "world", "cat"))
@@ -57,6 +57,13 @@ aliases = ["embed-alias"]
 {EMBEDDING}n_ctx = 64
 step_tokens = 128
 n_parallel = 8
+
+[[models]]
+id = "own-cls"
+path = "tiny-cls.gguf"
+embedding = true
+flash_attn = false
+normalize = false
 """ + "".join(
     f'\n[[models]]\nid = "raw-{pooling}"\n{EMBEDDING}pooling = "{pooling}"\nnormalize = false\n'
     for pooling in ("mean", "cls", "last")
@@ -69,6 +76,8 @@ def embed_server(
 ) -> Iterator[RunningServer]:
     folder = tmp_path_factory.mktemp("embeddings")
     (folder / "tiny.gguf").symlink_to(tiny_model)
+    # the same weights, with the pooling an embedding model names in its GGUF (2: cls)
+    write_tiny_model(folder / "tiny-cls.gguf", seed=0, n_ctx_train=8192, pooling_type=2)
     config = folder / "multiserve.toml"
     config.write_text(CONFIG)
     with run_server(["--config", str(config)], folder) as server:
@@ -157,6 +166,14 @@ def test_pooling_of_a_causal_model(client: OpenAI) -> None:
     assert abs(np.linalg.norm(mean_ab) - 1) > 0.01  # normalize = false: raw vectors
     normalized = _vectors(client, "embed", inputs)
     assert np.abs(normalized[1] - mean_ab / np.linalg.norm(mean_ab)).max() <= 1e-6
+
+
+def test_a_model_without_pooling_in_the_config_pools_as_its_gguf_says(client: OpenAI) -> None:
+    """bge-style models name CLS pooling in their GGUF: mean pooling would give other vectors."""
+    inputs = [[HELLO, CAT, WORLD]]
+    own = _vectors(client, "own-cls", inputs)
+    assert np.abs(own - _vectors(client, "raw-cls", inputs)).max() <= 1e-6
+    assert np.abs(own - _vectors(client, "raw-mean", inputs)).max() > 0.01
 
 
 def test_base64_is_the_float_vectors_little_endian(client: OpenAI, http: httpx.Client) -> None:

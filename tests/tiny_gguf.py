@@ -21,7 +21,7 @@ import string
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, Keys, LlamaFileType, TokenType
+from gguf import GGUFWriter, Keys, LlamaFileType, PoolingType, TokenType
 
 __all__ = [
     "BOS_ID",
@@ -156,6 +156,7 @@ def write_tiny_model(
     n_ctx_train: int = 4096,
     chat_template: str | None = None,
     name: str = "tiny",
+    pooling_type: int | None = None,
 ) -> Path:
     """Write a tiny random-weight llama-architecture GGUF model to ``path`` and return it.
 
@@ -203,6 +204,8 @@ def write_tiny_model(
         writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(ROPE_FREQ_BASE)
         writer.add_layer_norm_rms_eps(RMS_EPS)
+        if pooling_type is not None:  # as embedding models name theirs (1 mean, 2 cls, 3 last)
+            writer.add_pooling_type(PoolingType(pooling_type))
 
         writer.add_tokenizer_model("llama")
         writer.add_token_list(list(TOKENS))

@@ -110,8 +110,10 @@ class ModelSpec(BaseModel):
     embedding: bool = Field(
         default=False, description="an embedding model: answers /v1/embeddings only"
     )
-    pooling: Literal["mean", "cls", "last"] = Field(
-        default="mean", description="how an embedding model makes one vector of an input's tokens"
+    pooling: Literal["mean", "cls", "last"] | None = Field(
+        default=None,
+        description="how an embedding model makes one vector of an input's tokens (default: "
+        "the pooling its GGUF names, else mean)",
     )
     normalize: bool = Field(default=True, description="embeddings scaled to unit (L2) length")
     embeddings_model: str | None = Field(

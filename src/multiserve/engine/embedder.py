@@ -55,6 +55,7 @@ class Embedder:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.config = runtime.config
+        self.pooling = self.config.pooling or runtime.own_pooling() or "mean"
         self.batch = Batch(self.config.step_tokens)
         self.jobs: deque[EmbedJob] = deque()
 
@@ -133,7 +134,7 @@ class Embedder:
             self.jobs = deque(job for job in self.jobs if job.request_id not in failed)
             return events + [Embedded(request_id, None, 0) for request_id in failed]
         lengths = np.array([len(job.inputs[i]) for job, i in taken])
-        vectors = pool(runtime.embeddings(self.batch.n_tokens), lengths, self.config.pooling)
+        vectors = pool(runtime.embeddings(self.batch.n_tokens), lengths, self.pooling)
         runtime.clear()
         for (job, index), vector in zip(taken, vectors, strict=True):
             job.vectors[index] = vector

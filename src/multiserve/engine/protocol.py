@@ -36,7 +36,7 @@ class WorkerConfig:
     prefix_cache: bool = True  # reuse cached prompt prefixes across requests
     host_cache_bytes: int = 0  # bound of the prompt cache in host memory (0: none)
     embedding: bool = False  # an embeddings context: takes `Embed`, answers `Embedded`
-    pooling: str = "mean"  # an input's vector from its tokens': "mean", "cls" or "last"
+    pooling: str | None = None  # "mean", "cls" or "last"; None: the GGUF's own, else mean
     normalize: bool = True  # vectors scaled to unit length
 
 

@@ -38,6 +38,14 @@ def _stop_after_embeddings(tensor: ctypes.c_void_p, ask: bool, _user_data: ctype
     return ask and _ggml_get_name(tensor) == _EMBEDDINGS_NODE
 
 
+# llama.cpp's pooling types, as GGUF metadata spells them, by the names the config uses
+_POOLINGS = {
+    str(ll.LLAMA_POOLING_TYPE_MEAN): "mean",
+    str(ll.LLAMA_POOLING_TYPE_CLS): "cls",
+    str(ll.LLAMA_POOLING_TYPE_LAST): "last",
+}
+
+
 class LoadError(RuntimeError):
     """The model file could not be loaded; the message is safe to show (no paths)."""
 
@@ -173,6 +181,16 @@ class Runtime:
             eos_token=self.token_text(ll.llama_vocab_eos(self.vocab)),
             single_tokens=frozenset(t for t in TRIGGERS if self.single_token(t) is not None),
         )
+
+    def own_pooling(self) -> str | None:
+        """The pooling the GGUF names (`{arch}.pooling_type`), if one this server does."""
+        value = self.meta(f"{self.meta('general.architecture')}.pooling_type")
+        if value is None or value == str(ll.LLAMA_POOLING_TYPE_NONE):
+            return None
+        pooling = _POOLINGS.get(value)
+        if pooling is None:
+            raise LoadError(f"this model's pooling type ({value}, e.g. a reranker's) is not served")
+        return pooling
 
     def single_token(self, text: str) -> int | None:
         """The id of the special token spelled `text`, if this vocabulary has one."""

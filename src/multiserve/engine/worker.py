@@ -111,11 +111,11 @@ def run_worker(conn: Connection, lease: ComputeLease | None, nice: int) -> None:
             return
         try:
             runtime = Runtime(load.config)
+            steps = Embedder(runtime) if load.config.embedding else Scheduler(runtime)
         except LoadError as exc:
             conn.send(LoadFailed(str(exc)))
             return
         conn.send(WorkerReady(runtime.info(), os.getpid()))
-        steps = Embedder(runtime) if load.config.embedding else Scheduler(runtime)
         _serve(conn, steps, lease, parent)
     except (EOFError, BrokenPipeError):
         return  # the API process is gone
