@@ -98,3 +98,11 @@ def test_escaped_surrogate_pairs_decode_to_one_character_and_lone_halves_to_a_ma
     lone = '{"response": "a\\ud83d b\\ude00c"}'
     for cut in range(len(lone) + 1):
         assert _read(GENERIC, lone, cut)[0] == "a\ufffd b\ufffdc", cut
+
+
+def test_text_that_opens_like_a_call_but_is_none_is_kept_as_content() -> None:
+    """Llama 3's plain answers may start with ` {` (its grammar holds only a call at the very
+    start): an answer that never becomes a call is returned, not dropped."""
+    text = "{not a call, just braces}"
+    for cut in range(len(text) + 1):
+        assert _read(LLAMA3, text, cut)[:2] == (text, []), cut

@@ -80,7 +80,11 @@ class ToolCallReader:
         out = self.feed("")
         if self._state == _CONTENT:
             out.content += self._held
-            self._held = ""
+        elif self._state == _NAME and not self.calls and self._held.strip():
+            # opened like calls but never became one (text the grammar did not hold): the text
+            # is the answer, not something to drop
+            out.content += self.layout.start + self._held
+        self._held = ""
         return out
 
     # -- states --------------------------------------------------------------------------------
