@@ -218,7 +218,8 @@ class Embed:
 
     request_id: str
     inputs: tuple[str | tuple[int, ...], ...]
-    dimensions: int | None = None  # keep this many leading components (renormalised)
+    # keep this many leading components (renormalised if the model normalises)
+    dimensions: int | None = None
     queue_deadline: float | None = None  # time.monotonic() after which it may not start
 
 
