@@ -158,6 +158,10 @@ class Runtime:
         self._piece_buf = ctypes.create_string_buffer(256)
         self._piece_cache: dict[int, bytes] = {}
         self.n_embd = ll.llama_model_n_embd_out(model)
+        # the tool-call triggers that are one token in this vocabulary: looked up once
+        self.special_tokens = {
+            text: token for text in TRIGGERS if (token := self._single_token(text)) is not None
+        }
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -179,7 +183,7 @@ class Runtime:
             chat_template=template.decode("utf-8", errors="replace") if template else None,
             bos_token=self.token_text(ll.llama_vocab_bos(self.vocab)),
             eos_token=self.token_text(ll.llama_vocab_eos(self.vocab)),
-            single_tokens=frozenset(t for t in TRIGGERS if self.single_token(t) is not None),
+            single_tokens=frozenset(self.special_tokens),
         )
 
     def own_pooling(self) -> str | None:
@@ -192,7 +196,7 @@ class Runtime:
             raise LoadError(f"this model's pooling type ({value}, e.g. a reranker's) is not served")
         return pooling
 
-    def single_token(self, text: str) -> int | None:
+    def _single_token(self, text: str) -> int | None:
         """The id of the special token spelled `text`, if this vocabulary has one."""
         tokens = self.tokenize(text, add_bos=False, parse_special=True)
         return int(tokens[0]) if len(tokens) == 1 else None

@@ -69,7 +69,7 @@ def grammar_spec(runtime: Runtime, params: SamplingParams) -> GrammarSpec | None
         except ToolSchemaError as exc:
             raise SamplingError(str(exc), "tools") from None
         trigger = params.tools.layout.trigger
-        token = runtime.single_token(trigger) if trigger else None
+        token = runtime.special_tokens.get(trigger) if trigger else None
         return GrammarSpec(gbnf, token, lazy=not params.tools.required, param="tools")
     if params.json_schema is not None:
         return GrammarSpec(grammar_for(params.json_schema))
@@ -207,18 +207,23 @@ def sample_step(runtime: Runtime, items: list[tuple[ChoiceSampler, int]]) -> lis
     for i, (sampler, index) in enumerate(items):
         guard = sampler.guard
         if guard is not None:
+            allowed: int | None = tokens[i]
             if not guard.allows(tokens[i]):
-                tokens[i] = _sample_within_grammar(runtime, sampler, guard, index)
-            if guard.allows(tokens[i]):  # llama.cpp aborts the process on a refused token
-                guard.accept(tokens[i])
+                allowed = _sample_within_grammar(runtime, sampler, guard, index)
+            if allowed is None:  # no token continues the grammar: end the choice
+                tokens[i] = ll.llama_vocab_eos(runtime.vocab)
+            else:  # only an allowed token: llama.cpp aborts the process on a refused one
+                tokens[i] = allowed
+                guard.accept(allowed)
         sampler.history.append(tokens[i])
     return tokens
 
 
 def _sample_within_grammar(
     runtime: Runtime, sampler: ChoiceSampler, guard: GrammarGuard, index: int
-) -> int:
-    """Pick again among the tokens the grammar allows, with the choice's own parameters.
+) -> int | None:
+    """Pick again among the tokens the grammar allows, with the choice's own parameters; None
+    when it allows none.
 
     Greedy choices look at the likeliest tokens first: the best of them the grammar allows is
     the answer, found without a pass over the whole vocabulary (about 50 ms on Gemma 3's).
@@ -234,8 +239,8 @@ def _sample_within_grammar(
             return int(top[allowed.argmax()])
     masked = guard.mask(logits)
     refused = ~np.isfinite(masked)
-    if refused.all():  # a grammar no token can continue: end the choice rather than crash
-        return ll.llama_vocab_eos(runtime.vocab)
+    if refused.all():
+        return None
     masked[refused] = _REFUSED
     token = _draw(masked, [0], [sampler], [{}])[0]
     if refused[token]:  # a refused token keeps a vanishing but nonzero weight: never let it out
