@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict(tool_ok),
     )
     table.add_row(
-        "json_schema: multiserve / llama-server",
+        "json_schema time per token: multiserve / llama-server",
         f"{peer_ratio:.2f}x",
         "",
         f"<= {TARGET_SCHEMA_VS_LLAMA_SERVER}x",
