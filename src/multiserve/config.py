@@ -22,7 +22,9 @@ from pydantic import (
 )
 
 from multiserve.engine.lease import MAX_WAITERS
+from multiserve.router.config import AUTO_MODEL, RouterConfig
 
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$"  # ids and aliases: safe in URLs and labels
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8082
 
@@ -67,12 +69,10 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    id: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
     path: Path
     aliases: tuple[
-        Annotated[
-            str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-        ],
+        Annotated[str, Field(min_length=1, max_length=128, pattern=MODEL_NAME)],
         ...,
     ] = ()
     n_ctx: int = Field(default=4096, ge=64, le=1 << 20, description="context per sequence")
@@ -219,6 +219,9 @@ class Settings(BaseModel):
         default=10.0, ge=0, description="seconds in-flight requests may finish on SIGTERM/SIGINT"
     )
     models: list[ModelSpec] = Field(default_factory=list)
+    router: RouterConfig | None = Field(
+        default=None, description='rules that send `"model": "auto"` requests to a model'
+    )
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -256,6 +259,25 @@ class Settings(BaseModel):
                     raise ValueError(f"model name {name!r} is used twice")
                 seen.add(name)
         return self
+
+    @model_validator(mode="after")
+    def _router_names_models(self) -> Settings:
+        if self.router is None:
+            return self
+        specs = {name: spec for spec in self.models for name in spec.names}
+        if AUTO_MODEL in specs:
+            raise ValueError(f"model name {AUTO_MODEL!r} is the router's: rename that model")
+        for rule, name in self.router.model_names():
+            where = "router default" if rule == "default" else f"router rule {rule!r}"
+            if name not in specs:
+                raise ValueError(f"{where}: no model is named {name!r}")
+            if specs[name].embedding:
+                raise ValueError(f"{where}: {name!r} is an embedding model")
+        return self
+
+    def model_id(self, name: str) -> str:
+        """The id of the model an id or alias names (KeyError if none)."""
+        return next(spec.id for spec in self.models if name in spec.names)
 
     def all_api_keys(self) -> list[str]:
         """Keys from the config, the MULTISERVE_API_KEYS variable (comma-separated) and the file."""
@@ -314,16 +336,32 @@ def parse_size(text: str) -> int:
         raise ValueError(f"cannot read size {text!r}; use e.g. '12GiB' or '800MB'") from None
 
 
+def _listed(items: object, index: int, key: str) -> object:
+    """`items[index][key]` of raw config, or None where that is not there."""
+    if isinstance(items, list) and index < len(items) and isinstance(items[index], dict):
+        return items[index].get(key)
+    return None
+
+
+def _within(owner: str, loc: list) -> str:
+    return f"{owner}: " + ".".join(str(part) for part in loc) if loc else owner
+
+
 def _format_validation_error(source: str, error: ValidationError, raw: dict) -> str:
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
         loc = list(item["loc"])
         where = ".".join(str(part) for part in loc) or "(top level)"
         if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
-            models = raw.get("models") or []
-            model_id = models[loc[1]].get("id") if loc[1] < len(models) else None
+            model_id = _listed(raw.get("models"), loc[1], "id")
             if isinstance(model_id, str):
-                where = f"model {model_id!r}: " + ".".join(str(p) for p in loc[2:])
+                where = _within(f"model {model_id!r}", loc[2:])
+        if loc[:2] == ["router", "rules"] and len(loc) >= 3 and isinstance(loc[2], int):
+            router = raw.get("router") if isinstance(raw.get("router"), dict) else {}
+            name = _listed(router.get("rules"), loc[2], "name")
+            if not isinstance(name, str):
+                name = f"rule{loc[2] + 1}"  # as the router names an unnamed rule
+            where = _within(f"router rule {name!r}", loc[3:])
         lines.append(f"  {where}: {item['msg']}")
     return "\n".join(lines)
 

@@ -1,0 +1,1 @@
+"""Routing `"model": "auto"`: rules over a request's language, text, needs and size pick a model."""
