@@ -77,6 +77,7 @@ RUNTIME_REFUSALS = {
     "unsupported_schema",
     "wrong_model_type",
     "dimensions_too_large",
+    "images_not_supported",
     # and what JSON Schema cannot say: names unique within a list, or one of another list's
     "duplicate_tool_name",
     "unknown_tool",

@@ -1,4 +1,5 @@
-"""Command line: `multiserve serve` runs the server, `multiserve models` describes a config."""
+"""Command line: `multiserve serve` runs the server, `multiserve models` describes a config,
+`multiserve route` shows where the router sends a message."""
 
 from __future__ import annotations
 
@@ -37,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--threads", type=int, help="compute threads (default: physical cores)")
     sub.add_parser("models", parents=[models_from], help="list models: size, memory, state")
+    route = sub.add_parser(
+        "route",
+        help='print where `"model": "auto"` would send a message, without a server',
+        description="The router's decision for one message, as the server would take it with "
+        "no model loaded: the rule, the models in order, why, the detected language, the time.",
+    )
+    route.add_argument("--config", type=Path, required=True, help="config with a [router]")
+    route.add_argument("text", help="the last user message")
+    route.add_argument("--system", default="", help="a system prompt")
+    route.add_argument("--tools", action="store_true", help="the request offers tools")
+    route.add_argument("--json-schema", action="store_true", help="it asks for JSON output")
+    route.add_argument("--image", action="store_true", help="it carries an image part")
+    route.add_argument("--json", action="store_true", help="print the decision as JSON")
     _bench_parsers(sub)
     return parser
 
@@ -223,6 +237,43 @@ def _models(args: argparse.Namespace) -> int:
     return 0 if usable else 1
 
 
+def _route(args: argparse.Namespace) -> int:
+    """Print the router's decision for `args.text` under the config's `[router]`."""
+    import json
+
+    from multiserve.router.decision import ColdFleet, Router
+    from multiserve.router.language import detect_language, warm_up
+    from multiserve.router.request import TEXT_LIMIT, RouteRequest, estimate_tokens
+
+    settings = load_settings(args.config)
+    if settings.router is None:
+        raise ConfigError(f"{args.config}: no [router] section, so `auto` is not served")
+    warm_up()  # timed as a server decides: with the language model loaded
+    router = Router(settings.router, settings.model_id, detect_language)
+    request = RouteRequest(
+        text=args.text[:TEXT_LIMIT],
+        token_estimate=estimate_tokens(args.system) + estimate_tokens(args.text),
+        tools=args.tools,
+        json_schema=args.json_schema,
+        images=args.image,
+    )
+    decision = router.decide(request, ColdFleet())
+    shown = {
+        "rule": decision.rule,
+        "models": list(decision.targets),
+        "reason": decision.reason,
+        "fallthrough": decision.fallthrough,
+        "language": decision.language,
+        "decision_ms": round(decision.seconds * 1000, 3),
+    }
+    if args.json:
+        print(json.dumps(shown, ensure_ascii=False))
+    else:
+        for key, value in shown.items():
+            print(f"{key:>12}: {', '.join(value) if isinstance(value, list) else value}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -237,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             from multiserve.bench.command import run_compare
 
             return run_compare(args)
+        if args.command == "route":
+            return _route(args)
         return _serve(args) if args.command == "serve" else _models(args)
     except ConfigError as exc:
         print(f"multiserve: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from multiserve import __version__
+from multiserve.api.auto import build_router
 from multiserve.api.errors import install_error_handlers
 from multiserve.api.metrics import Metrics
 from multiserve.api.openapi import publish_openapi
@@ -36,7 +37,9 @@ def create_app(settings: Settings) -> FastAPI:
     limiter = None
     if settings.requests_per_minute:
         limiter = RateLimiter(settings.requests_per_minute, settings.rate_limit_burst)
-    app.state.server = ServerState(settings, fleet, Metrics(fleet), time.time(), limiter)
+    app.state.server = ServerState(
+        settings, fleet, Metrics(fleet), time.time(), limiter, build_router(settings)
+    )
     install_error_handlers(app)
     app.include_router(misdirected)
     app.include_router(router)

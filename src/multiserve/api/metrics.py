@@ -18,6 +18,7 @@ from multiserve.fleet.manager import Fleet
 
 WINDOW = 1024  # latest requests /stats summarises
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
 
 
@@ -130,7 +131,40 @@ class Metrics:
             label,
             registry=reg,
         )
+        self.route_decisions = Counter(
+            "multiserve:router_decisions",
+            'Requests for model "auto" admitted, by the rule that routed them and the model.',
+            ["rule", *label],
+            registry=reg,
+        )
+        self.route_seconds = Histogram(
+            "multiserve:router_decision_seconds",
+            'Time the router took to decide a request for model "auto".',
+            buckets=_DECISION_BUCKETS,
+            registry=reg,
+        )
         self.stats: dict[str, ModelStats] = {model_id: ModelStats() for model_id in fleet.entries}
+        self.routes: dict[str, dict[str, int]] = {}
+        self.route_times: deque[float] = deque(maxlen=WINDOW)
+        self.passed_over = 0
+
+    def routed(self, rule: str, model_id: str, seconds: float, passed: int) -> None:
+        """An `auto` request was admitted by `model_id` after `passed` targets refused it."""
+        by_model = self.routes.setdefault(rule, {})
+        by_model[model_id] = by_model.get(model_id, 0) + 1
+        self.route_times.append(seconds)
+        self.passed_over += passed
+        self.route_decisions.labels(rule, model_id).inc()
+        self.route_seconds.observe(seconds)
+
+    def router_snapshot(self, conversations: int) -> dict:
+        """JSON for `/stats`: decisions per rule and model, refusals passed over, time taken."""
+        return {
+            "decisions": self.routes,
+            "passed_over": self.passed_over,
+            "sticky_conversations": conversations,
+            "decision_seconds": _summary(self.route_times),
+        }
 
     def refused(self, model_id: str, kind: str) -> None:
         """A request refused before it was admitted (queue full, model unavailable)."""

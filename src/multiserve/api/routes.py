@@ -6,12 +6,20 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from multiserve.api.auto import (
+    ROUTE_HEADER,
+    FleetView,
+    chat_route,
+    completion_route,
+    wants_routing,
+)
 from multiserve.api.embeddings import EmbeddingFailed, embed, embedding_body
 from multiserve.api.errors import APIError, model_not_found
 from multiserve.api.formats import ChatFormat, TextFormat, WireFormat
@@ -50,6 +58,9 @@ from multiserve.fleet.manager import (
     ModelTooLarge,
     ModelUnavailable,
 )
+from multiserve.router.config import AUTO_MODEL
+from multiserve.router.decision import Router
+from multiserve.router.request import RouteRequest
 from multiserve.templates.chat import ChatTemplateError, resolve_template
 from multiserve.tools.layouts import detect_layout, native_tools
 from multiserve.tools.prompting import template_messages
@@ -72,6 +83,7 @@ class ServerState:
     metrics: Metrics
     started: float
     rate_limiter: RateLimiter | None = None
+    router: Router | None = None
     draining: bool = False
 
 
@@ -119,13 +131,66 @@ def _check_rate(state: ServerState, request: Request, model_id: str) -> None:
         )
 
 
-async def _admitted(
-    state: ServerState, request: Request, body: SamplingRequest, prompts: int
-) -> tuple[ModelEntry, Ticket]:
-    """The model and a place in its queue for each prompt, or the refusal."""
+@dataclass(frozen=True)
+class Admitted:
+    """A request's model and its places in that model's queue; with `auto`, how it got there."""
+
+    entry: ModelEntry
+    ticket: Ticket
+    route: str | None = None  # the x-multiserve-route header
+
+    def answering_name(self, requested: str) -> str:
+        """The `model` a response names: the name asked for, or the expert that `auto` chose."""
+        return self.entry.spec.id if self.route is not None else requested
+
+
+def _admitted(
+    state: ServerState,
+    request: Request,
+    body: SamplingRequest,
+    prompts: int,
+    route: Callable[[], RouteRequest],
+) -> Admitted:
+    """The model and a place in its queue for each prompt, or the refusal. `route` (called only
+    for `auto`) says what the router sees of the request."""
     if state.draining:
         raise shutting_down()
+    if wants_routing(body.model, state.router):
+        return _routed(state, request, body, prompts, route())
     entry = _entry(state, body.model)
+    _check_fits(state, entry, body, prompts)
+    return Admitted(entry, _ticket(state, request, entry, prompts))
+
+
+def _routed(
+    state: ServerState, request: Request, body: SamplingRequest, prompts: int, route: RouteRequest
+) -> Admitted:
+    """Admission along the router's targets: the first that takes the request, passing a
+    refusing one to the next only where the rule allows it."""
+    assert state.router is not None
+    decision = state.router.decide(route, FleetView(state.fleet))
+    _check_rate(state, request, decision.targets[0])
+    passed: list[tuple[str, str]] = []
+    for place, model_id in enumerate(decision.targets, start=1):
+        entry = state.fleet.entries[model_id]
+        try:
+            _check_fits(state, entry, body, prompts)
+            ticket = _place(state, entry, prompts)
+        except APIError as refusal:
+            header = decision.explain(model_id, tuple(passed))
+            refusal.headers = {**(refusal.headers or {}), ROUTE_HEADER: header}
+            if refusal.status != 503 or not decision.fallthrough or place == len(decision.targets):
+                raise
+            passed.append((model_id, refusal.code or "refused"))
+            continue
+        state.router.remember(route, decision, model_id)
+        state.metrics.routed(decision.rule, model_id, decision.seconds, len(passed))
+        return Admitted(entry, ticket, decision.explain(model_id, tuple(passed)))
+    raise AssertionError("a rule has at least one target")  # the loop returns or raises
+
+
+def _check_fits(state: ServerState, entry: ModelEntry, body: SamplingRequest, prompts: int) -> None:
+    """400s for what this model cannot do with this request, whatever its load."""
     if entry.spec.embedding:
         raise APIError(
             400,
@@ -148,12 +213,15 @@ async def _admitted(
             param="prompt",
             code="too_many_prompts",
         )
-    return entry, _ticket(state, request, entry, prompts)
 
 
 def _ticket(state: ServerState, request: Request, entry: ModelEntry, places: int) -> Ticket:
     """A place in the model's queue for each of `places` prompts, or the refusal."""
     _check_rate(state, request, entry.spec.id)
+    return _place(state, entry, places)
+
+
+def _place(state: ServerState, entry: ModelEntry, places: int) -> Ticket:
     try:
         return state.fleet.admit(entry, places)
     except Overloaded as exc:
@@ -223,16 +291,20 @@ def _sampling(
     )
 
 
-async def _complete(request: Request, body: SamplingRequest, prompts: int, build) -> Response:
-    """Admit, get the worker, build the engine requests (one per prompt) and format, answer."""
+async def _complete(
+    request: Request, body: SamplingRequest, prompts: int, build, route
+) -> Response:
+    """Admit (routing `auto`), get the worker, build the engine requests (one per prompt) and
+    format, answer."""
     state = _state(request)
     arrived = time.monotonic()
-    entry, ticket = await _admitted(state, request, body, prompts)
+    admitted = _admitted(state, request, body, prompts, route)
+    entry, ticket = admitted.entry, admitted.ticket
     tracker = state.metrics.track(entry.spec.id)  # latencies count from arrival, loads included
     try:
         deadline = arrived + entry.spec.queue_timeout
         engine = await _engine(state, request, entry, ticket, deadline)
-        built: Built = build(entry, engine)
+        built: Built = build(entry, engine, admitted.answering_name(body.model))
         params = _sampling(entry, body, body.token_limit, body.logprobs_count, built.tools)
         generate_requests = [
             Generate(
@@ -249,7 +321,7 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
     except APIError as exc:
         ticket.release()
         tracker.failed(exc.code or "invalid_request")
-        raise
+        raise _with_route(exc, admitted.route) from None
     except ClientDisconnected:
         ticket.release()
         tracker.failed("client_disconnected")
@@ -258,16 +330,29 @@ async def _complete(request: Request, body: SamplingRequest, prompts: int, build
         ticket.release()
         tracker.failed("client_disconnected")
         raise
-    return await generate(
-        request,
-        engine,
-        generate_requests,
-        built.fmt,
-        tracker,
-        ticket,
-        stream=body.stream,
-        include_usage=body.include_usage,
-    )
+    try:
+        response = await generate(
+            request,
+            engine,
+            generate_requests,
+            built.fmt,
+            tracker,
+            ticket,
+            stream=body.stream,
+            include_usage=body.include_usage,
+        )
+    except APIError as exc:
+        raise _with_route(exc, admitted.route) from None
+    if admitted.route is not None:
+        response.headers[ROUTE_HEADER] = admitted.route
+    return response
+
+
+def _with_route(error: APIError, route: str | None) -> APIError:
+    """A routed request's error says where the router sent it, as its answer would."""
+    if route is not None:
+        error.headers = {**(error.headers or {}), ROUTE_HEADER: route}
+    return error
 
 
 @router.post(
@@ -278,7 +363,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         message, param, code = problem
         raise APIError(400, message, param=param, code=code)
 
-    def build(entry: ModelEntry, engine: EngineClient) -> Built:
+    def build(entry: ModelEntry, engine: EngineClient, name: str) -> Built:
+        if any(m.has_images for m in body.messages):
+            raise APIError(
+                400,
+                f"model `{entry.spec.id}` does not read images: send text only, or route images "
+                "to a model that does",
+                param="messages",
+                code="images_not_supported",
+            )
         info = engine.info
         template = resolve_template(
             info.chat_template,
@@ -312,10 +405,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         starts_with_bos = bool(
             first and first.special and info.bos_token and first.text.startswith(info.bos_token)
         )
-        fmt = ChatFormat(body.model, body.logprobs, layout if tools else None)
+        fmt = ChatFormat(name, body.logprobs, layout if tools else None)
         return Built([TextPrompt(tuple(segments))], not starts_with_bos, fmt, constraint)
 
-    return await _complete(request, body, 1, build)
+    return await _complete(request, body, 1, build, lambda: chat_route(body))
 
 
 @router.post("/v1/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503))
@@ -324,10 +417,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         TextPrompt.completion(p) if isinstance(p, str) else TokenPrompt(p) for p in body.prompts
     ]
 
-    def build(entry: ModelEntry, engine: EngineClient) -> Built:
-        return Built(prompts, True, TextFormat(body.model, want_logprobs=body.logprobs is not None))
+    def build(entry: ModelEntry, engine: EngineClient, name: str) -> Built:
+        return Built(prompts, True, TextFormat(name, want_logprobs=body.logprobs is not None))
 
-    return await _complete(request, body, len(prompts), build)
+    return await _complete(request, body, len(prompts), build, lambda: completion_route(body))
 
 
 def _model_card(entry: ModelEntry) -> dict:
@@ -341,15 +434,44 @@ def _model_card(entry: ModelEntry) -> dict:
     }
 
 
+def _router_card(state: ServerState) -> dict:
+    """`auto` as a model: what the router may send a request to."""
+    assert state.router is not None
+    return {
+        "id": AUTO_MODEL,
+        "object": "model",
+        "created": int(state.started),
+        "owned_by": "multiserve",
+        "state": "router",
+        "aliases": [],
+        "routes_to": state.router.model_ids,
+    }
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    entries = _state(request).fleet.entries.values()
-    return {"object": "list", "data": [_model_card(e) for e in entries]}
+    state = _state(request)
+    cards = [_model_card(e) for e in state.fleet.entries.values()]
+    if state.router is not None:
+        cards.append(_router_card(state))
+    return {"object": "list", "data": cards}
 
 
-@router.post("/v1/models/{model_id:path}/load", responses=error_responses(404, 405, 503))
+def _not_the_router(state: ServerState, name: str) -> None:
+    if state.router is not None and name == AUTO_MODEL:
+        raise APIError(
+            400,
+            f"`{AUTO_MODEL}` is the router, not a model: name one of "
+            f"{', '.join(state.router.model_ids)}",
+            param="model",
+            code="not_a_model",
+        )
+
+
+@router.post("/v1/models/{model_id:path}/load", responses=error_responses(400, 404, 405, 503))
 async def load_model(model_id: str, request: Request) -> dict:
     state = _state(request)
+    _not_the_router(state, model_id)
     entry = _entry(state, model_id)
     try:
         await state.fleet.engine(entry)
@@ -360,9 +482,10 @@ async def load_model(model_id: str, request: Request) -> dict:
     return _model_card(entry)
 
 
-@router.post("/v1/models/{model_id:path}/unload", responses=error_responses(404, 405, 409))
+@router.post("/v1/models/{model_id:path}/unload", responses=error_responses(400, 404, 405, 409))
 async def unload_model(model_id: str, request: Request, wait: bool = False) -> dict:
     state = _state(request)
+    _not_the_router(state, model_id)
     entry = _entry(state, model_id)
     try:
         await state.fleet.unload(entry, wait=wait)
@@ -373,7 +496,10 @@ async def unload_model(model_id: str, request: Request, wait: bool = False) -> d
 
 @router.get("/v1/models/{model_id:path}", responses=error_responses(404))
 async def get_model(model_id: str, request: Request) -> dict:
-    return _model_card(_entry(_state(request), model_id))
+    state = _state(request)
+    if wants_routing(model_id, state.router):
+        return _router_card(state)
+    return _model_card(_entry(state, model_id))
 
 
 # Model ids may contain '/', so `GET /v1/models/x/unload` would otherwise read as the card of a
@@ -422,11 +548,14 @@ async def health(request: Request) -> JSONResponse:
 async def stats(request: Request) -> dict:
     state = _state(request)
     fleet = state.fleet
-    return {
+    body = {
         "uptime_seconds": round(time.time() - state.started, 3),
         "memory": {"budget": fleet.budget, "reserved": fleet.reserved_bytes()},
         **state.metrics.snapshot(),
     }
+    if state.router is not None:
+        body["router"] = state.metrics.router_snapshot(state.router.conversations)
+    return body
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
@@ -436,6 +565,7 @@ async def metrics(request: Request) -> Response:
 
 def _embedding_entry(state: ServerState, name: str) -> ModelEntry:
     """The embedding model answering for `name`: itself, or its `embeddings_model`."""
+    _not_the_router(state, name)
     entry = _entry(state, name)
     if entry.spec.embedding:
         return entry

@@ -66,6 +66,7 @@ TopLogprobs = Annotated[int, Field(ge=0, le=20), WHOLE]
 Seed = Annotated[int, WHOLE]  # any integer: it is reduced modulo llama.cpp's seed range
 MAX_PROMPT_CHARS = 1 << 22
 MAX_PROMPT_TOKENS = 1 << 20
+MAX_IMAGE_URL = 1 << 22  # a data: URL holds the image itself
 MAX_PROMPTS = 256  # per /v1/completions request; each is one request in the model's queue
 TOKEN_KEY = r"^[0-9]{1,10}$"
 MAX_TOKEN_ID = (1 << 31) - 1  # llama_token is an int32
@@ -283,6 +284,24 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    url: str = Field(max_length=MAX_IMAGE_URL)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """An image in a message: accepted so `auto` can route it (to a model that reads images);
+    a model that cannot is a 400 naming it, never a silent drop."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+UserPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
 # Templates print call ids as they are: no characters that could spell a control token.
 CALL_ID = r"^[A-Za-z0-9_.:=+/-]{1,256}$"
@@ -387,7 +406,7 @@ class ChatMessage(BaseModel):
         },
     )
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[UserPart] | None = None
     name: str | None = Field(default=None, pattern=FUNCTION_NAME)
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(default=None, pattern=CALL_ID)
@@ -421,8 +440,14 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(
+            isinstance(part, ImagePart) for part in self.content
+        )
 
 
 class Prediction(BaseModel):

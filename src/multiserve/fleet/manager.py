@@ -204,6 +204,12 @@ class Fleet:
             return client
         return None
 
+    def can_serve(self, entry: ModelEntry) -> bool:
+        """Whether a request for this model could be served, now or after a load: not too large
+        for the budget, not being unloaded, not failed and waiting out its retry backoff."""
+        failed = entry.state is ModelState.FAILED and entry.retry_at > time.monotonic()
+        return not (entry.too_large or entry.unloading or failed)
+
     async def engine(self, entry: ModelEntry) -> EngineClient:
         """A running worker for this model, starting one if needed (shared by all callers).
 
