@@ -102,7 +102,11 @@ def test_tools_route_by_what_the_request_needs(routed: RunningServer) -> None:
         assert _route(response) == {"rule": "tools", "model": "code", "reason": "tools"}
 
 
-def test_later_turns_stay_with_the_first_turns_model(routed: RunningServer) -> None:
+def _cached(response: httpx.Response) -> int:
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_later_turns_stay_with_the_first_turns_model_and_its_cache(routed: RunningServer) -> None:
     with routed.http() as http:
         first = _chat(http, "Hi, a question about my garden")
         assert _route(first)["model"] == "chat"
@@ -114,6 +118,8 @@ def test_later_turns_stay_with_the_first_turns_model(routed: RunningServer) -> N
             "reason": "conversation first routed by default",
         }
         assert later.json()["model"] == "chat"
+        # the first turn's prompt is read from the cache, not again
+        assert _cached(later) >= first.json()["usage"]["prompt_tokens"] - 4 > 0
         fresh = _chat(http, "A new chat", "and what about main()?")
         assert _route(fresh)["model"] == "code"
 
