@@ -42,6 +42,11 @@ def test_code_and_guesses_have_no_language() -> None:
     assert detect_language("   ") is None
 
 
+def test_a_lone_surrogate_is_not_an_error() -> None:
+    """JSON can carry one ("\\udc00"); the model's binding refuses such a string."""
+    assert detect_language("\udc00 Hola, ¿me ayudas con una receta de paella?") == "es"
+
+
 def test_code_in_a_message_does_not_hide_its_language() -> None:
     text = "¿Por qué `np.array(x).reshape(-1, 1)` me da un error con esta lista de números?"
     assert detect_language(text) == "es"

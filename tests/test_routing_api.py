@@ -39,6 +39,11 @@ model = "code"
 name = "tools"
 tools = true
 model = "code"
+
+[[router.rules]]
+name = "french"
+languages = ["fr"]
+model = "code"
 """
 
 
@@ -91,6 +96,13 @@ def test_streams_and_text_completions_are_routed_too(routed: RunningServer) -> N
         assert _route(response)["model"] == "code"
         chunks = [line for line in response.iter_lines() if line.startswith("data: {")]
     assert chunks and all('"model": "code"' in c or '"model":"code"' in c for c in chunks)
+
+
+def test_a_lone_surrogate_in_the_message_is_routed_not_an_error(routed: RunningServer) -> None:
+    with routed.http() as http:
+        response = _chat(http, "\udc00 Bonjour, je voudrais une recette de crêpes")
+    assert response.status_code == 200, response.text
+    assert _route(response)["rule"] == "french"
 
 
 def test_tools_route_by_what_the_request_needs(routed: RunningServer) -> None:

@@ -47,6 +47,8 @@ def detect_language(text: str) -> str | None:
     """The ISO 639 code (two letters where there is one) of the text's language, or None when
     there is no telling: no prose, or no label the model is sure enough of."""
     prose = " ".join(_CODE.sub(" ", text).split())[:READ_CHARS]
+    # JSON may carry lone surrogates ("\udc00"), which fastText's binding refuses
+    prose = prose.encode("utf-8", "replace").decode("utf-8")
     if not prose:
         return None
     best = _loaded().detect(prose, model=BUNDLED_MODEL, k=1)[0]
