@@ -9,7 +9,7 @@ from multiserve.router.keywords import words_of
 
 # Rules read at most this much of the last user message: keeps a rule's pattern and the
 # language detector fast on a pasted 100 kB document (the start says what it is about).
-TEXT_LIMIT = 4000
+TEXT_LIMIT = 1000
 
 
 @dataclass(frozen=True)
