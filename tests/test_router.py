@@ -224,40 +224,103 @@ def test_the_route_header_is_ascii_and_names_rule_model_reason_and_refusals() ->
     header.encode("latin-1")  # a valid header value
 
 
+def test_quoted_text_cannot_fake_or_break_the_header_parts() -> None:
+    decision = Decision("code", ("qwen",), "keyword 'a; model=phi4\r\nX: 1 😀'")
+    header = decision.explain("qwen")
+    assert header.count(";") == 2 and header.count("=") == 3
+    assert "\\u003b model\\u003dphi4\\u000d\\u000aX: 1 \\U0001f600" in header
+
+
+def test_a_pattern_that_matches_nothing_visible_is_named_alone() -> None:
+    router = make_router({"name": "digits", "patterns": [r"\A(?=.*\d)"], "model": "phi4"})
+    assert route(router, "room 101").reason == "pattern 1"
+
+
 # -- stickiness ---------------------------------------------------------------------------
 
 
-def _turn(text: str, first: str = "Hi, can you help?", system: str = "Be brief.") -> RouteRequest:
-    return RouteRequest(text=text, conversation=conversation_key([system], first))
+def _turn(
+    text: str, first: str = "Hi, can you help?", client: str = "key:0", **features: object
+) -> RouteRequest:
+    """A later turn (the first turn when `text` is `first`) of a conversation of `client`."""
+    key = conversation_key(client, ["Be brief."], first)
+    return RouteRequest(text=text, conversation=key, later_turn=text != first, **features)
+
+
+def _placed(router: Router, first: RouteRequest, fleet=None) -> Decision:
+    """Route a first turn and remember where it went, as the server does once accepted."""
+    decision = router.decide(first, fleet or ColdFleet())
+    router.remember(first, decision, decision.targets[0])
+    return decision
+
+
+CODE = {"name": "code", "keywords": ["python"], "model": "qwen"}
 
 
 def test_a_conversation_stays_where_its_first_turn_went() -> None:
-    router = make_router({"name": "code", "keywords": ["python"], "model": "qwen"})
-    first = _turn("Hi, can you help?")
-    decision = router.decide(first, ColdFleet())
-    assert decision.rule == "default"
-    router.remember(first, decision, "gemma3")
+    router = make_router(CODE)
+    assert _placed(router, _turn("Hi, can you help?")).rule == "default"
     later = router.decide(_turn("Write it in Python"), ColdFleet())
     assert (later.rule, later.targets) == ("sticky", ("gemma3",))
-    assert later.reason == "conversation first routed by default"
+    assert later.reason == "conversation placed by default"
     router.remember(_turn("Write it in Python"), later, "gemma3")
     assert router.decide(_turn("and in python 2?"), ColdFleet()).reason.endswith("by default")
     other = router.decide(_turn("Write it in Python", first="Another chat"), ColdFleet())
     assert other.rule == "code"
 
 
+def test_first_turns_are_routed_by_the_rules_even_when_a_twin_was_placed() -> None:
+    """Two conversations that open alike are one key; only a later turn is steered by it."""
+    router = make_router({"name": "tools", "tools": True, "model": "mistral"}, CODE)
+    assert _placed(router, _turn("Hi, can you help?", tools=True)).targets == ("mistral",)
+    twin = router.decide(_turn("Hi, can you help?"), ColdFleet())
+    assert twin.rule == "default"
+
+
+def test_one_clients_conversations_do_not_steer_anothers() -> None:
+    router = make_router(CODE)
+    _placed(router, _turn("Hi, can you help?", client="key:0"))
+    elsewhere = router.decide(_turn("in Python", client="key:1"), ColdFleet())
+    assert elsewhere.rule == "code"
+
+
+def test_a_sticky_turn_falls_through_as_the_rule_that_placed_it() -> None:
+    router = make_router(
+        {"name": "multi", "languages": ["es"], "model": ["aya", "gemma3"], "fallthrough": True},
+        detector=Detector("es"),
+    )
+    _placed(router, _turn("Hi, can you help?"))
+    later = router.decide(_turn("Hola otra vez"), ColdFleet())
+    assert (later.rule, later.targets, later.fallthrough) == ("sticky", ("aya", "gemma3"), True)
+
+
+def test_a_need_outranks_the_conversation_unless_its_model_meets_it() -> None:
+    router = make_router(
+        {"name": "long", "min_tokens": 3000, "model": ["qwen", "mistral"], "fallthrough": True},
+        {"name": "multi", "languages": ["en"], "model": "aya"},
+    )
+    _placed(router, _turn("Hi, can you help?"))  # to aya
+    grown = router.decide(_turn("and more", token_estimate=5000), ColdFleet())
+    assert (grown.rule, grown.targets) == ("long", ("qwen", "mistral"))  # aya's context is short
+    router.remember(_turn("and more", token_estimate=5000), grown, "mistral")  # qwen was full
+    longer = router.decide(_turn("and even more", token_estimate=6000), ColdFleet())
+    assert (longer.rule, longer.targets, longer.fallthrough) == ("long", ("mistral", "qwen"), True)
+    assert longer.reason == "~6000 tokens; the conversation's model first"
+    short_again = router.decide(_turn("thanks"), ColdFleet())  # stays where it moved
+    assert (short_again.rule, short_again.targets) == ("sticky", ("mistral", "qwen"))
+    assert short_again.reason == "conversation placed by long"
+
+
 def test_a_sticky_model_that_cannot_serve_is_routed_afresh() -> None:
-    router = make_router({"name": "code", "keywords": ["python"], "model": "qwen"})
-    first = _turn("Hi, can you help?")
-    router.remember(first, router.decide(first, ColdFleet()), "gemma3")
+    router = make_router(CODE)
+    _placed(router, _turn("Hi, can you help?"))
     decision = router.decide(_turn("in Python"), Fleet(unavailable=("gemma3",)))
     assert decision.rule == "code"
 
 
 def test_stickiness_can_be_turned_off() -> None:
-    router = make_router({"name": "code", "keywords": ["python"], "model": "qwen"}, sticky=False)
-    first = _turn("Hi, can you help?")
-    router.remember(first, router.decide(first, ColdFleet()), "gemma3")
+    router = make_router(CODE, sticky=False)
+    _placed(router, _turn("Hi, can you help?"))
     assert router.decide(_turn("in Python"), ColdFleet()).rule == "code"
     assert router.conversations == 0
 
@@ -265,29 +328,31 @@ def test_stickiness_can_be_turned_off() -> None:
 def test_remembered_conversations_expire_and_are_bounded() -> None:
     now = [0.0]
     sticky = StickyMap(capacity=2, ttl=10, clock=lambda: now[0])
-    a, b, c = (conversation_key([], x) for x in "abc")
+    a, b, c = (conversation_key("key:0", [], x) for x in "abc")
     sticky.put(a, Placement("qwen", "code"))
     sticky.put(b, Placement("phi4", "maths"))
     now[0] = 9.0
     assert sticky.get(a) == Placement("qwen", "code")  # a turn restarts the clock
     now[0] = 15.0
-    assert sticky.get(b) is None  # 15 s after its turn
+    assert sticky.count() == 1  # b expired 15 s after its turn
+    assert sticky.get(b) is None
     assert sticky.get(a) is not None  # 6 s after its last turn
     sticky.put(b, Placement("phi4", "maths"))
     sticky.put(c, Placement("aya", "multi"))
-    assert len(sticky) == 2
+    assert sticky.count() == 2
     assert sticky.get(a) is None  # the least recently used went first
 
 
-def test_conversation_keys_tell_system_prompts_and_first_messages_apart() -> None:
+def test_conversation_keys_tell_clients_system_prompts_and_first_messages_apart() -> None:
     keys = {
-        conversation_key(["ab", "c"], "x"),
-        conversation_key(["a", "bc"], "x"),
-        conversation_key([], "abcx"),
-        conversation_key(["abc"], "x"),
-        conversation_key(["abc"], "y"),
+        conversation_key("key:0", ["ab", "c"], "x"),
+        conversation_key("key:0", ["a", "bc"], "x"),
+        conversation_key("key:0", [], "abcx"),
+        conversation_key("key:0", ["abc"], "x"),
+        conversation_key("key:0", ["abc"], "y"),
+        conversation_key("key:1", ["abc"], "y"),
     }
-    assert len(keys) == 5
+    assert len(keys) == 6
 
 
 # -- config checks --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import RunningServer, run_server
-from test_fleet import LONG, Stream, _config, _model, _wait_for
+from test_fleet import LONG, Stream, _config, _model, _states, _wait_for
 from tiny_gguf import write_tiny_model
 
 ROUTER = """
@@ -132,7 +132,7 @@ def test_later_turns_stay_with_the_first_turns_model_and_its_cache(routed: Runni
         assert _route(later) == {
             "rule": "sticky",
             "model": "chat",
-            "reason": "conversation first routed by default",
+            "reason": "conversation placed by default",
         }
         assert later.json()["model"] == "chat"
         # the first turn's prompt is read from the cache, not again
@@ -169,6 +169,13 @@ def test_a_full_queue_passes_to_the_next_target_only_where_the_rule_says(
             assert router["passed_over"] >= 1
     finally:
         holder.close()
+    with routed.http() as http:  # no place in any queue is left behind by a refusal
+
+        def places() -> dict[str, int]:
+            models = http.get("/stats").json()["models"]
+            return {name: model["requests"]["in_system"] for name, model in models.items()}
+
+        _wait_for(lambda: not any(places().values()), explain=places)
 
 
 def test_auto_is_listed_and_is_not_a_model_to_load_or_embed_with(routed: RunningServer) -> None:
@@ -201,9 +208,11 @@ def test_stats_and_metrics_count_decisions_per_rule_and_model(routed: RunningSer
         assert "multiserve:router_decision_seconds_bucket" in metrics
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
 def test_an_image_reaches_a_model_that_says_it_cannot_read_it(routed: RunningServer) -> None:
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
-    content = [{"type": "text", "text": "what is this?"}, image]
+    content = [{"type": "text", "text": "what is this?"}, IMAGE]
     body = {"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
     with routed.http() as http:
         response = http.post("/v1/chat/completions", json=body)
@@ -222,3 +231,24 @@ def test_without_a_router_auto_is_an_unknown_model(tmp_path: Path) -> None:
         assert response.status_code == 404
         assert "x-multiserve-route" not in response.headers
         assert "auto" not in {card["id"] for card in http.get("/v1/models").json()["data"]}
+        # an image is refused before the model it names is loaded for nothing
+        content = [{"type": "text", "text": "what is this?"}, IMAGE]
+        body = {"model": "only", "messages": [{"role": "user", "content": content}]}
+        refused = http.post("/v1/chat/completions", json=body)
+        assert refused.json()["error"]["code"] == "images_not_supported"
+        assert _states(http) == {"only": "unloaded"}
+
+
+def test_auto_counts_against_the_rate_limit_once(tmp_path: Path) -> None:
+    write_tiny_model(tmp_path / "tiny.gguf", seed=0)
+    models = _model("a", "tiny", n_ctx=256) + _model("b", "tiny", n_ctx=256)
+    router = '[router]\ndefault = "a"\n[[router.rules]]\nkeywords = ["x"]\nmodel = ["b", "a"]\n'
+    settings = "threads = 1\nrequests_per_minute = 6\nrate_limit_burst = 2\n"  # 1 per 10 s
+    config = _config(tmp_path, models + router, settings)
+    with run_server(["--config", str(config)], tmp_path) as server, server.http() as http:
+        assert _chat(http, "x one").status_code == 200
+        assert _chat(http, "x two").status_code == 200  # the burst: two, not one
+        limited = _chat(http, "x three")
+        assert limited.status_code == 429
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert _route(limited)["model"] == "b"

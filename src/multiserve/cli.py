@@ -241,22 +241,31 @@ def _route(args: argparse.Namespace) -> int:
     """Print the router's decision for `args.text` under the config's `[router]`."""
     import json
 
+    from multiserve.api.auto import chat_route
+    from multiserve.api.schemas import ChatCompletionRequest
+    from multiserve.router.config import AUTO_MODEL
     from multiserve.router.decision import ColdFleet, Router
     from multiserve.router.language import detect_language, warm_up
-    from multiserve.router.request import TEXT_LIMIT, RouteRequest, estimate_tokens
 
     settings = load_settings(args.config)
     if settings.router is None:
         raise ConfigError(f"{args.config}: no [router] section, so `auto` is not served")
     warm_up()  # timed as a server decides: with the language model loaded
     router = Router(settings.router, settings.model_id, detect_language)
-    request = RouteRequest(
-        text=args.text[:TEXT_LIMIT],
-        token_estimate=estimate_tokens(args.system) + estimate_tokens(args.text),
-        tools=args.tools,
-        json_schema=args.json_schema,
-        images=args.image,
-    )
+    content: list[dict] = [{"type": "text", "text": args.text}]
+    if args.image:
+        content.append({"type": "image_url", "image_url": {"url": "data:image/png;base64,"}})
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    body: dict = {
+        "model": AUTO_MODEL,
+        "messages": [*messages, {"role": "user", "content": content}],
+    }
+    if args.tools:
+        function = {"name": "tool", "parameters": {"type": "object"}}
+        body["tools"] = [{"type": "function", "function": function}]
+    if args.json_schema:
+        body["response_format"] = {"type": "json_object"}
+    request = chat_route(ChatCompletionRequest.model_validate(body), client="cli")
     decision = router.decide(request, ColdFleet())
     shown = {
         "rule": decision.rule,

@@ -277,7 +277,10 @@ class Settings(BaseModel):
 
     def model_id(self, name: str) -> str:
         """The id of the model an id or alias names (KeyError if none)."""
-        return next(spec.id for spec in self.models if name in spec.names)
+        for spec in self.models:
+            if name in spec.names:
+                return spec.id
+        raise KeyError(name)
 
     def all_api_keys(self) -> list[str]:
         """Keys from the config, the MULTISERVE_API_KEYS variable (comma-separated) and the file."""

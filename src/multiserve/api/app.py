@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from multiserve import __version__
-from multiserve.api.auto import build_router
+from multiserve.api.auto import ROUTE_HEADER, build_router
 from multiserve.api.errors import install_error_handlers
 from multiserve.api.metrics import Metrics
 from multiserve.api.openapi import publish_openapi
@@ -56,5 +56,6 @@ def create_app(settings: Settings) -> FastAPI:
             allow_credentials="*" not in settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type"],
+            expose_headers=[ROUTE_HEADER],  # so a browser client may read why `auto` chose
         )
     return app

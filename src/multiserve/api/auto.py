@@ -32,8 +32,9 @@ def wants_routing(model: str, router: Router | None) -> bool:
     return router is not None and model == AUTO_MODEL
 
 
-def chat_route(body: ChatCompletionRequest) -> RouteRequest:
-    """The last user message, the whole prompt's size, the request's needs, the conversation."""
+def chat_route(body: ChatCompletionRequest, client: str) -> RouteRequest:
+    """The last user message, the whole prompt's size, the request's needs, the conversation
+    (as `client`'s: see rate_limit.client_identity)."""
     messages = body.messages
     users = [m for m in messages if m.role == "user"]
     system = [m.text() for m in messages if m.role in ("system", "developer")]
@@ -46,7 +47,8 @@ def chat_route(body: ChatCompletionRequest) -> RouteRequest:
         tools=bool(body.callable_tools()),
         json_schema=body.json_schema_text() is not None,
         images=any(m.has_images for m in messages),
-        conversation=conversation_key(system, users[0].text()) if users else None,
+        conversation=conversation_key(client, system, users[0].text()) if users else None,
+        later_turn=any(m.role == "assistant" for m in messages),
     )
 
 

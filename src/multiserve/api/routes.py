@@ -59,7 +59,7 @@ from multiserve.fleet.manager import (
     ModelUnavailable,
 )
 from multiserve.router.config import AUTO_MODEL
-from multiserve.router.decision import Router
+from multiserve.router.decision import Decision, Router
 from multiserve.router.request import RouteRequest
 from multiserve.templates.chat import ChatTemplateError, resolve_template
 from multiserve.tools.layouts import detect_layout, native_tools
@@ -115,12 +115,16 @@ def _unavailable(exc: ModelUnavailable | ModelTooLarge) -> APIError:
     )
 
 
+def _client(request: Request) -> str:
+    """Who sent the request: its API key, else its address (see client_identity)."""
+    address = request.client.host if request.client else None
+    return client_identity(request.scope.get(API_KEY_SCOPE), address)
+
+
 def _check_rate(state: ServerState, request: Request, model_id: str) -> None:
     if state.rate_limiter is None:
         return
-    address = request.client.host if request.client else None
-    client = client_identity(request.scope.get(API_KEY_SCOPE), address)
-    wait = state.rate_limiter.wait_needed(client)
+    wait = state.rate_limiter.wait_needed(_client(request))
     if wait > 0:
         state.metrics.refused(model_id, "rate_limited")
         raise APIError(
@@ -132,16 +136,31 @@ def _check_rate(state: ServerState, request: Request, model_id: str) -> None:
 
 
 @dataclass(frozen=True)
+class Routed:
+    """How an `auto` request reached its model: the header that says so, and what the router
+    remembers of the conversation once the model has accepted the request."""
+
+    header: str
+    request: RouteRequest
+    decision: Decision
+
+
+@dataclass(frozen=True)
 class Admitted:
     """A request's model and its places in that model's queue; with `auto`, how it got there."""
 
     entry: ModelEntry
     ticket: Ticket
-    route: str | None = None  # the x-multiserve-route header
+    routed: Routed | None = None
+
+    @property
+    def route(self) -> str | None:
+        """The x-multiserve-route header, for a routed request."""
+        return self.routed.header if self.routed is not None else None
 
     def answering_name(self, requested: str) -> str:
         """The `model` a response names: the name asked for, or the expert that `auto` chose."""
-        return self.entry.spec.id if self.route is not None else requested
+        return self.entry.spec.id if self.routed is not None else requested
 
 
 def _admitted(
@@ -169,12 +188,13 @@ def _routed(
     refusing one to the next only where the rule allows it."""
     assert state.router is not None
     decision = state.router.decide(route, FleetView(state.fleet))
-    _check_rate(state, request, decision.targets[0])
     passed: list[tuple[str, str]] = []
     for place, model_id in enumerate(decision.targets, start=1):
         entry = state.fleet.entries[model_id]
         try:
             _check_fits(state, entry, body, prompts)
+            if place == 1:  # once, after the 400s, as for a request naming its model
+                _check_rate(state, request, model_id)
             ticket = _place(state, entry, prompts)
         except APIError as refusal:
             header = decision.explain(model_id, tuple(passed))
@@ -183,14 +203,23 @@ def _routed(
                 raise
             passed.append((model_id, refusal.code or "refused"))
             continue
-        state.router.remember(route, decision, model_id)
         state.metrics.routed(decision.rule, model_id, decision.seconds, len(passed))
-        return Admitted(entry, ticket, decision.explain(model_id, tuple(passed)))
+        routed = Routed(decision.explain(model_id, tuple(passed)), route, decision)
+        return Admitted(entry, ticket, routed)
     raise AssertionError("a rule has at least one target")  # the loop returns or raises
 
 
 def _check_fits(state: ServerState, entry: ModelEntry, body: SamplingRequest, prompts: int) -> None:
-    """400s for what this model cannot do with this request, whatever its load."""
+    """400s for what this model cannot do with this request, whatever its load (so before a
+    place in its queue, and before a load)."""
+    if body.has_images:  # no model served reads images yet
+        raise APIError(
+            400,
+            f"model `{entry.spec.id}` does not read images: send text only, or route images "
+            "to a model that does",
+            param="messages",
+            code="images_not_supported",
+        )
     if entry.spec.embedding:
         raise APIError(
             400,
@@ -343,8 +372,10 @@ async def _complete(
         )
     except APIError as exc:
         raise _with_route(exc, admitted.route) from None
-    if admitted.route is not None:
-        response.headers[ROUTE_HEADER] = admitted.route
+    if admitted.routed is not None:  # accepted: the conversation's later turns come here too
+        response.headers[ROUTE_HEADER] = admitted.routed.header
+        assert state.router is not None
+        state.router.remember(admitted.routed.request, admitted.routed.decision, entry.spec.id)
     return response
 
 
@@ -364,14 +395,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise APIError(400, message, param=param, code=code)
 
     def build(entry: ModelEntry, engine: EngineClient, name: str) -> Built:
-        if any(m.has_images for m in body.messages):
-            raise APIError(
-                400,
-                f"model `{entry.spec.id}` does not read images: send text only, or route images "
-                "to a model that does",
-                param="messages",
-                code="images_not_supported",
-            )
         info = engine.info
         template = resolve_template(
             info.chat_template,
@@ -408,7 +431,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         fmt = ChatFormat(name, body.logprobs, layout if tools else None)
         return Built([TextPrompt(tuple(segments))], not starts_with_bos, fmt, constraint)
 
-    return await _complete(request, body, 1, build, lambda: chat_route(body))
+    return await _complete(request, body, 1, build, lambda: chat_route(body, _client(request)))
 
 
 @router.post("/v1/completions", responses=EVENT_STREAM | error_responses(400, 404, 429, 500, 503))

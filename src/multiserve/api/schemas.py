@@ -274,6 +274,11 @@ class SamplingRequest(BaseModel):
             return ""
         return json.dumps(fmt.json_schema.schema_ or {"type": "object"})
 
+    @property
+    def has_images(self) -> bool:
+        """Image parts in the request (a completion's prompt has none)."""
+        return False
+
     def token_logit_bias(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
 
@@ -534,6 +539,10 @@ class ChatCompletionRequest(SamplingRequest):
         if isinstance(choice, NamedToolChoice):
             return [t for t in self.tools if t.function.name == choice.function.name]
         return list(self.tools)
+
+    @property
+    def has_images(self) -> bool:
+        return any(m.has_images for m in self.messages)
 
     @property
     def call_required(self) -> bool:

@@ -87,6 +87,12 @@ class RouteRule(BaseModel):
     def targets(self) -> tuple[str, ...]:
         return (self.model,) if isinstance(self.model, str) else self.model
 
+    @property
+    def states_needs(self) -> bool:
+        """The rule is about what a request needs, not what it says: it outranks stickiness."""
+        needs = (self.tools, self.json_schema, self.images, self.min_tokens, self.max_tokens)
+        return any(need is not None for need in needs)
+
 
 class RouterConfig(BaseModel):
     """Rules in order (the first that matches wins), a default, and conversation stickiness."""

@@ -42,13 +42,14 @@ class Decision:
     fallthrough: bool = False  # a refusing target passes the request to the next
     language: str | None = None  # detected, when a rule needed it
     seconds: float = 0.0  # time taken to decide
-    first_rule: str | None = None  # a sticky route's: the rule that placed the conversation
+    placed_by: str | None = None  # the rule that placed the conversation where it stays
 
     def explain(self, model_id: str, passed: tuple[tuple[str, str], ...] = ()) -> str:
         """The `x-multiserve-route` header: rule, model, why; models that refused first.
 
-        ASCII only (a header is Latin-1), so text quoted from the message is escaped."""
-        parts = [f"rule={self.rule}", f"model={model_id}", f"reason={self.reason}"]
+        Printable ASCII only: text quoted from the message is escaped (\\uXXXX), and so are
+        the `;` and `=` that separate the parts."""
+        parts = [f"rule={self.rule}", f"model={model_id}", f"reason={_escaped(self.reason)}"]
         if self.language is not None:
             parts.append(f"language={self.language}")
         parts += [f"passed={model}:{code}" for model, code in passed]
@@ -67,6 +68,7 @@ class Router:
     ) -> None:
         self.config = config
         self._rules = [CompiledRule(rule) for rule in config.rules]
+        self._by_name = {rule.name: rule for rule in self._rules}
         self._targets = {r.name: tuple(model_id(t) for t in r.rule.targets) for r in self._rules}
         self._default = model_id(config.default)
         self._detect = detect
@@ -83,27 +85,55 @@ class Router:
     @property
     def conversations(self) -> int:
         """Conversations remembered for stickiness now."""
-        return len(self._sticky) if self._sticky is not None else 0
+        return self._sticky.count() if self._sticky is not None else 0
 
     def decide(self, request: RouteRequest, fleet: FleetView) -> Decision:
         started = time.perf_counter()
-        decision = self._sticky_route(request, fleet) or self._rule_route(request, fleet)
+        ruled = self._rule_route(request, fleet)
+        decision = self._sticky_route(request, fleet, ruled) or ruled
         return replace(decision, seconds=time.perf_counter() - started)
 
     def remember(self, request: RouteRequest, decision: Decision, model_id: str) -> None:
         """The request was admitted by `model_id`: the conversation's later turns go there."""
         if self._sticky is not None and request.conversation is not None:
-            rule = decision.first_rule or decision.rule
+            rule = decision.placed_by or decision.rule
             self._sticky.put(request.conversation, Placement(model_id, rule))
 
-    def _sticky_route(self, request: RouteRequest, fleet: FleetView) -> Decision | None:
-        if self._sticky is None or request.conversation is None:
+    def _sticky_route(
+        self, request: RouteRequest, fleet: FleetView, ruled: Decision
+    ) -> Decision | None:
+        """A later turn goes to the model its conversation is on, then to the other targets of
+        the rule that placed it (with that rule's fallthrough). But a rule about what the
+        request needs (tools, JSON, images, size) outranks the conversation: when its targets
+        do not include that model, the need wins and the conversation moves."""
+        if self._sticky is None or request.conversation is None or not request.later_turn:
             return None
         placement = self._sticky.get(request.conversation)
         if placement is None or not fleet.available(placement.model_id):
             return None
-        reason = f"conversation first routed by {placement.rule}"
-        return Decision("sticky", (placement.model_id,), reason, first_rule=placement.rule)
+        model = placement.model_id
+        matched = self._by_name.get(ruled.rule)
+        if matched is not None and matched.rule.states_needs:
+            if model not in ruled.targets:
+                return None
+            others = tuple(t for t in ruled.targets if t != model)
+            reason = f"{ruled.reason}; the conversation's model first"
+            return replace(ruled, targets=(model, *others), reason=reason, placed_by=placement.rule)
+        placing = self._by_name.get(placement.rule)
+        others, fallthrough = (), False
+        if placing is not None:
+            rest = tuple(t for t in self._targets[placing.name] if t != model)
+            others = _ordered(rest, fleet, placing.rule.prefer_loaded)
+            fallthrough = placing.rule.fallthrough
+        reason = f"conversation placed by {placement.rule}"
+        return Decision(
+            "sticky",
+            (model, *others),
+            reason,
+            fallthrough,
+            ruled.language,
+            placed_by=placement.rule,
+        )
 
     def _rule_route(self, request: RouteRequest, fleet: FleetView) -> Decision:
         detected: list[str | None] = []
@@ -122,6 +152,17 @@ class Router:
             return Decision(rule.name, targets, reason, rule.rule.fallthrough, language_seen)
         language_seen = detected[0] if detected else None
         return Decision("default", (self._default,), "no rule matched", language=language_seen)
+
+
+def _escaped(text: str) -> str:
+    return "".join(
+        char
+        if " " <= char <= "~" and char not in ";=\\"
+        else f"\\u{ord(char):04x}"
+        if ord(char) <= 0xFFFF
+        else f"\\U{ord(char):08x}"
+        for char in text
+    )
 
 
 def _ordered(targets: tuple[str, ...], fleet: FleetView, prefer_loaded: bool) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ class RouteRequest:
     json_schema: bool = False  # response_format asks for JSON
     images: bool = False  # an image part in any message
     conversation: bytes | None = None  # stickiness key; None: no conversation to keep together
+    later_turn: bool = False  # the conversation has an answer already: not its first turn
 
     @cached_property
     def words(self) -> list[str]:

@@ -75,8 +75,9 @@ class CompiledRule:
         if self._keywords and (found := self._keywords.find(request.text, request.words)):
             return f"keyword {_said(found)!r}"
         for number, pattern in enumerate(self._patterns, start=1):
-            if found := pattern.search(request.text):
-                return f"pattern {number} {_said(found.group(0))!r}"
+            if (found := pattern.search(request.text)) is not None:
+                quoted = f" {_said(found.group(0))!r}" if found.group(0) else ""
+                return f"pattern {number}{quoted}"
         return None
 
     def _language(self, language: str | None) -> str | None:

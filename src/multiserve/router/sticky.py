@@ -15,9 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
-def conversation_key(system: Iterable[str], first_user: str) -> bytes:
-    """16 bytes naming a conversation: its system prompt(s) and its first user message."""
+def conversation_key(client: str, system: Iterable[str], first_user: str) -> bytes:
+    """16 bytes naming a conversation: whose it is (one client's conversations never steer
+    another's), its system prompt(s) and its first user message."""
     digest = hashlib.blake2b(digest_size=16)
+    digest.update(client.encode("utf-8", "surrogatepass"))
+    digest.update(b"\x02")
     for text in system:
         digest.update(text.encode("utf-8", "surrogatepass"))
         digest.update(b"\x00")  # ("ab", "c") and ("a", "bc") differ
@@ -46,7 +49,9 @@ class StickyMap:
         self._clock = clock
         self._entries: OrderedDict[bytes, tuple[Placement, float]] = OrderedDict()
 
-    def __len__(self) -> int:
+    def count(self) -> int:
+        """Conversations remembered and not yet expired."""
+        self._expire(self._clock())
         return len(self._entries)
 
     def get(self, key: bytes) -> Placement | None:
