@@ -270,12 +270,20 @@ async def _engine(
     state: ServerState, request: Request, entry: ModelEntry, ticket: Ticket, deadline: float
 ) -> EngineClient:
     """The model's worker; waiting for a load or for room counts against the request's queue
-    timeout, and a client gone meanwhile stops waiting (a load nobody waits for stops too)."""
+    timeout, and a client gone meanwhile stops waiting (a load nobody waits for stops too).
+
+    A worker got after a wait is handed back only if it is still the model's: one that was
+    giving way is stopped as soon as no request is on it, which can happen after the wait
+    ended and before this task ran again. The caller opens its request on the worker before
+    awaiting anything, so once handed back it cannot be stopped under the request."""
     if (client := state.fleet.ready(entry)) is not None:
         return client  # the common case: no timer task per request
-    waiting = unless_disconnected(request, state.fleet.engine(entry))
     try:
-        return await asyncio.wait_for(waiting, deadline - time.monotonic())
+        while True:
+            waiting = unless_disconnected(request, state.fleet.engine(entry))
+            client = await asyncio.wait_for(waiting, deadline - time.monotonic())
+            if entry.client is client:
+                return client
     except (ModelUnavailable, ModelTooLarge) as exc:
         raise _unavailable(exc) from None
     except RequestCut:
