@@ -15,6 +15,8 @@ from pathlib import Path
 
 import llama_cpp as ll
 import pytest
+from benchmarks.shapes.gguf_file import cached_model, data_bytes
+from benchmarks.shapes.specs import LLAMA_1B, tensor_plan
 
 from conftest import run_server
 from multiserve.config import ModelSpec
@@ -42,6 +44,19 @@ def _collect_log(_level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
 @pytest.fixture(scope="module")
 def kv_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("kv") / "kv.gguf", **KV_MODEL)
+
+
+@pytest.fixture(scope="module")
+def realistic_model() -> Path:
+    """Llama 3.2 1B's shapes at Q4_K_M (0.8 GB, benchmarks/shapes): a model whose weights, not
+    its buffers, are most of its memory, as with the experts users run."""
+    return cached_model(LLAMA_1B)
+
+
+def _model_for(which: str, kv_model: Path, realistic_model: Path) -> Path:
+    if which == "tiny":
+        return kv_model
+    return realistic_model if which == "realistic" else default_model_path(show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +130,18 @@ def test_kv_estimate_is_the_kv_cache_llama_cpp_allocates(
     assert estimate.kv_cache / MIB == pytest.approx(kv, abs=0.006)  # the log rounds to 0.01 MiB
 
 
+@pytest.mark.parametrize("kv_cache_type", ["f16", "q8_0"])
+def test_weights_and_kv_estimates_of_a_realistic_model(
+    realistic_model: Path, llama_log: list[str], kv_cache_type: str
+) -> None:
+    """At the scale users run: the weights are the file's tensors, the KV cache llama.cpp's."""
+    estimate, kv, _, _ = _estimated_and_allocated(
+        realistic_model, llama_log, n_ctx=4096, n_parallel=4, kv_cache_type=kv_cache_type
+    )
+    assert estimate.weights == sum(data_bytes(t) for t in tensor_plan(LLAMA_1B))
+    assert estimate.kv_cache / MIB == pytest.approx(kv, abs=0.006)
+
+
 def test_kv_estimate_of_the_sliding_window_default_model(llama_log: list[str]) -> None:
     """Gemma 3 has sliding-window layers (a KV cache of their own): at full size by default."""
     path = default_model_path(show_progress=False)
@@ -126,9 +153,10 @@ def test_kv_estimate_of_the_sliding_window_default_model(llama_log: list[str]) -
 
 @pytest.mark.parametrize("flash_attn", [False, True])
 @pytest.mark.parametrize(("n_ctx", "n_parallel", "step_tokens"), [(512, 2, 32), (4096, 8, 256)])
-@pytest.mark.parametrize("which", ["tiny", "default"])
+@pytest.mark.parametrize("which", ["tiny", "default", "realistic"])
 def test_compute_estimate_is_within_15_percent_above_llama_cpps(
     kv_model: Path,
+    realistic_model: Path,
     llama_log: list[str],
     which: str,
     n_ctx: int,
@@ -137,8 +165,9 @@ def test_compute_estimate_is_within_15_percent_above_llama_cpps(
     flash_attn: bool,
 ) -> None:
     """What fleet/memory.py promises: the tiny model's step is its attention scores, the
-    default model's (262k vocabulary) its logits."""
-    path = kv_model if which == "tiny" else default_model_path(show_progress=False)
+    default model's (262k vocabulary) its logits, the realistic one's (16 layers 2048 wide,
+    128k vocabulary) its logits or its attention, by the shape."""
+    path = _model_for(which, kv_model, realistic_model)
     estimate, _, compute, _ = _estimated_and_allocated(
         path,
         llama_log,
