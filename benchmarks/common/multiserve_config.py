@@ -46,12 +46,18 @@ def config_text(
 
 @contextlib.contextmanager
 def serving_config(
-    name: str, config: str, directory: Path, port: int, loaded: Sequence[str] = ()
+    name: str,
+    config: str,
+    directory: Path,
+    port: int,
+    loaded: Sequence[str] = (),
+    timeout_s: float = 120.0,
 ) -> Iterator[RunningServer]:
     """`multiserve serve --config` on `config` (written to directory/name.toml, its log beside),
     ready once /health answers and every model in `loaded` is loaded."""
     path = directory / f"{name}.toml"
     path.write_text(config)
     command = multiserve_command(port, "--config", str(path))
-    with serving(name, command, port, directory / f"{name}.log", loaded=loaded) as server:
+    log = directory / f"{name}.log"
+    with serving(name, command, port, log, loaded=loaded, timeout_s=timeout_s) as server:
         yield server

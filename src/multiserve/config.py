@@ -85,6 +85,12 @@ class ModelSpec(BaseModel):
     flash_attn: bool = Field(
         default=True, description="llama.cpp's flash attention (skips other slots' cells)"
     )
+    mmap: bool = Field(
+        default=False,
+        description="memory-map the GGUF file instead of reading it in: where llama.cpp repacks "
+        "weights for the CPU (Q4_K and others on x86 and Arm) the mapped pages stay resident "
+        "beside the repacked copy, up to 1.75x the weights' memory",
+    )
     prefix_cache: bool = Field(default=True, description="reuse cached prompt prefixes")
     host_cache: str = Field(
         default="auto",

@@ -32,6 +32,7 @@ class WorkerConfig:
     threads: int
     kv_cache_type: str = "f16"
     flash_attn: bool = True
+    mmap: bool = False  # map the file rather than read it (see ModelSpec.mmap)
     swa_full: bool = True  # sliding-window models keep every cell, so any prefix can be reused
     prefix_cache: bool = True  # reuse cached prompt prefixes across requests
     host_cache_bytes: int = 0  # bound of the prompt cache in host memory (0: none)

@@ -133,6 +133,9 @@ class Runtime:
         self.config = config
         model_params = ll.llama_model_default_params()
         model_params.n_gpu_layers = 0
+        # read in, not mapped: llama.cpp repacks most weights into a copy of its own, and the
+        # mapped pages it read them from would stay resident too (RSS 1.75x the weights)
+        model_params.load_mode = ll.LLAMA_LOAD_MODE_MMAP if config.mmap else ll.LLAMA_LOAD_MODE_NONE
         model = ll.llama_model_load_from_file(str(config.path).encode(), model_params)
         if not model:
             raise LoadError("llama.cpp could not load the model file (corrupt or unsupported)")

@@ -489,6 +489,7 @@ def worker_config(spec: ModelSpec, threads: int, host_cache_bytes: int = 0) -> W
         threads=threads,
         kv_cache_type=spec.kv_cache_type,
         flash_attn=spec.flash_attn,
+        mmap=spec.mmap,
         swa_full=spec.swa_full,
         prefix_cache=spec.prefix_cache,
         host_cache_bytes=host_cache_bytes,
