@@ -35,7 +35,9 @@ from test_fleet import (
 )
 from tiny_gguf import write_tiny_model
 
-SLOW = {"n_ctx": 1 << 20, "n_parallel": 1}
+# a context of a million cells takes seconds to create; mapped, so the worker loading it is the
+# one that has its file mapped (workers read files in by default)
+SLOW = {"n_ctx": 1 << 20, "n_parallel": 1, "mmap": True}
 GREEDY = {"prompt": "the cat", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
 
