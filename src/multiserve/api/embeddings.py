@@ -31,23 +31,32 @@ class EmbeddingFailed(Exception):
         self.error = error
 
 
-async def embed(engine: EngineClient, request: Embed, ticket: Ticket) -> Embedded:
-    """The request's vectors, or EmbeddingFailed; a cancelled wait cancels it in the worker."""
-    stream: RequestStream | None = None
+def open_embedding(engine: EngineClient, request: Embed) -> RequestStream:
+    """The request, opened on its worker; called before anything is awaited after the worker
+    was got, so the worker cannot be stopped in between (see routes._engine)."""
     try:
-        stream = engine.open(request)
+        return engine.open(request)
+    except WorkerGone:
+        raise EmbeddingFailed("worker_exit", _worker_gone()) from None
+    except RequestCut:
+        raise EmbeddingFailed("shutting_down", shutting_down()) from None
+
+
+def _worker_gone() -> APIError:
+    return APIError(503, WORKER_GONE_MESSAGE, code="model_crashed", headers={"Retry-After": "1"})
+
+
+async def embed(stream: RequestStream, ticket: Ticket) -> Embedded:
+    """The request's vectors, or EmbeddingFailed; a cancelled wait cancels it in the worker."""
+    try:
         reply = await stream.next()
     except WorkerGone:
-        error = APIError(
-            503, WORKER_GONE_MESSAGE, code="model_crashed", headers={"Retry-After": "1"}
-        )
-        raise EmbeddingFailed("worker_exit", error) from None
+        raise EmbeddingFailed("worker_exit", _worker_gone()) from None
     except RequestCut:
-        log.warning("request %s cut short: the server is shutting down", request.request_id)
+        log.warning("request %s cut short: the server is shutting down", stream.request.request_id)
         raise EmbeddingFailed("shutting_down", shutting_down()) from None
     finally:
-        if stream is not None:
-            stream.close()
+        stream.close()
     if isinstance(reply, Rejected) and reply.timed_out:
         error = APIError(
             503,

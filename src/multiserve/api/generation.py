@@ -84,6 +84,9 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # our own wait was cancelled (a deadline): the work stops too
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if task in done:

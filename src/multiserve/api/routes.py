@@ -20,7 +20,7 @@ from multiserve.api.auto import (
     completion_route,
     wants_routing,
 )
-from multiserve.api.embeddings import EmbeddingFailed, embed, embedding_body
+from multiserve.api.embeddings import EmbeddingFailed, embed, embedding_body, open_embedding
 from multiserve.api.errors import APIError, model_not_found
 from multiserve.api.formats import ChatFormat, TextFormat, WireFormat
 from multiserve.api.generation import (
@@ -624,8 +624,13 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     deadline = arrived + entry.spec.queue_timeout
     try:
         engine = await _engine(state, request, entry, ticket, deadline)
-        work = Embed(uuid.uuid4().hex, body.inputs, body.dimensions, deadline)
-        embedded = await unless_disconnected(request, embed(engine, work, ticket))
+        stream = open_embedding(
+            engine, Embed(uuid.uuid4().hex, body.inputs, body.dimensions, deadline)
+        )
+        try:
+            embedded = await unless_disconnected(request, embed(stream, ticket))
+        finally:
+            stream.close()  # also when the wait ended before `embed` ever ran
     except EmbeddingFailed as failure:
         tracker.failed(failure.kind)
         raise failure.error from None
