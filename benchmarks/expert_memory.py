@@ -10,9 +10,9 @@ loaded, and after a full-size step on it (one request whose 256-token prompt is 
 `step_tokens` step, so the compute buffers have been used), against the estimate multiserve
 budgets with (weights + KV + compute + host prompt cache + overhead; /stats).
 
-Weights are memory-mapped and counted in RSS once read; llama.cpp clears the KV cache when it
-creates the context, so the whole cache is resident from the load on. After a full step,
-everything the estimate counts is resident but the host prompt cache, which fills only as
+Weights are read into the worker (not mapped: see docs/operations.md); llama.cpp clears the KV
+cache when it creates the context, so the whole cache is resident from the load on. After a full
+step, everything the estimate counts is resident but the host prompt cache, which fills only as
 prompts are evicted from slots. Targets (the budget's promise, docs/operations.md): RSS after a
 step at most the estimate, and at least 85% of it without the host cache (an estimate far above
 reality wastes the budget). Exit status 1 on a miss.
@@ -79,7 +79,9 @@ def measure(name: str, kv: str, threads: int, port: int, directory: Path) -> Mea
         "kv_cache_type": kv,
         "preload": True,
     }
-    config = config_text(threads, [table], server_fields={"load_timeout": LOAD_TIMEOUT_S})
+    # the whole machine's memory: a model the default 80% cannot hold would never load
+    fields = {"load_timeout": LOAD_TIMEOUT_S, "memory_budget": "100%"}
+    config = config_text(threads, [table], server_fields=fields)
     with (
         serving_config(
             f"{name}-{kv}", config, directory, port, loaded=[name], timeout_s=LOAD_TIMEOUT_S

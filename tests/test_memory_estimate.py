@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp as ll
+import psutil
 import pytest
 from benchmarks.shapes.gguf_file import cached_model, data_bytes
 from benchmarks.shapes.specs import LLAMA_1B, tensor_plan
@@ -53,10 +54,13 @@ def realistic_model() -> Path:
     return cached_model(LLAMA_1B)
 
 
-def _model_for(which: str, kv_model: Path, realistic_model: Path) -> Path:
+def _model_for(which: str, kv_model: Path, request: pytest.FixtureRequest) -> Path:
+    """The model a parametrised test names (the realistic one generated only if asked for)."""
     if which == "tiny":
         return kv_model
-    return realistic_model if which == "realistic" else default_model_path(show_progress=False)
+    if which == "realistic":
+        return request.getfixturevalue("realistic_model")
+    return default_model_path(show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +160,7 @@ def test_kv_estimate_of_the_sliding_window_default_model(llama_log: list[str]) -
 @pytest.mark.parametrize("which", ["tiny", "default", "realistic"])
 def test_compute_estimate_is_within_15_percent_above_llama_cpps(
     kv_model: Path,
-    realistic_model: Path,
+    request: pytest.FixtureRequest,
     llama_log: list[str],
     which: str,
     n_ctx: int,
@@ -167,7 +171,7 @@ def test_compute_estimate_is_within_15_percent_above_llama_cpps(
     """What fleet/memory.py promises: the tiny model's step is its attention scores, the
     default model's (262k vocabulary) its logits, the realistic one's (16 layers 2048 wide,
     128k vocabulary) its logits or its attention, by the shape."""
-    path = _model_for(which, kv_model, realistic_model)
+    path = _model_for(which, kv_model, request)
     estimate, _, compute, _ = _estimated_and_allocated(
         path,
         llama_log,
@@ -236,3 +240,29 @@ def test_worker_rss_grows_by_the_kv_estimate(kv_model: Path, tmp_path: Path) -> 
     assert big["rss"] - small["rss"] == pytest.approx(kv_growth, rel=0.1)
     assert kv_growth == 248 * MIB  # (65,536 - 2,048) cells x 4 KiB
     assert big["rss"] < big["estimate"]["total"]
+
+
+def test_workers_read_their_file_in_unless_told_to_map_it(kv_model: Path, tmp_path: Path) -> None:
+    """Read in, llama.cpp's repacked weights are the only copy (the estimate holds, see
+    docs/shape_true_models.md); `mmap = true` maps the file as before."""
+    models = "".join(
+        f'[[models]]\nid = "{name}"\npath = "{kv_model}"\nn_ctx = 256\nn_parallel = 1\n'
+        f"step_tokens = 64\npreload = true\nmmap = {mapped}\n"
+        for name, mapped in (("read", "false"), ("mapped", "true"))
+    )
+    config = tmp_path / "multiserve.toml"
+    config.write_text(f"threads = 1\n{models}")
+    with run_server(["--config", str(config)], tmp_path) as server, server.http() as http:
+        deadline = time.monotonic() + 60
+        while True:
+            stats = http.get("/stats").json()["models"]
+            if all(m["state"] == "loaded" for m in stats.values()):
+                break
+            assert time.monotonic() < deadline, f"the models did not load: {stats}"
+            time.sleep(0.2)
+        maps = {
+            name: {m.path for m in psutil.Process(stats[name]["worker_pid"]).memory_maps()}
+            for name in ("read", "mapped")
+        }
+    assert str(kv_model) not in maps["read"]
+    assert str(kv_model) in maps["mapped"]

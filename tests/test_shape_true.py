@@ -59,7 +59,7 @@ def test_q6_k_layers_are_llama_cpps() -> None:
 
 @pytest.fixture(scope="module")
 def realistic() -> Path:
-    """Llama 3.2 1B's shapes, 0.8 GB, generated once per machine (about 10 s)."""
+    """Llama 3.2 1B's shapes, 0.8 GB, generated once per machine (about 4 s)."""
     return cached_model(LLAMA_1B)
 
 

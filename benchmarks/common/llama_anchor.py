@@ -110,20 +110,19 @@ def raw_llama(
     and `threads`; everything is freed on exit. `marks` gets perf_counter times: "start",
     "model" (loaded) and "context" (created)."""
     ll = import_llama()
-    from multiserve.engine.runtime import Batch, context_params
+    from multiserve.engine.runtime import Batch, context_params, model_params
 
     marks = {} if marks is None else marks
     with contextlib.ExitStack() as cleanup:
         marks["start"] = time.perf_counter()
         ll.llama_backend_init()
         cleanup.callback(ll.llama_backend_free)
-        cpu_only = ll.llama_model_default_params()
-        cpu_only.n_gpu_layers = 0
+        config = worker_config(spec, threads)
         path = str(spec.path)
-        model = _require(ll.llama_model_load_from_file(path.encode(), cpu_only), f"load {path}")
+        loading = model_params(config)  # as a worker loads it
+        model = _require(ll.llama_model_load_from_file(path.encode(), loading), f"load {path}")
         cleanup.callback(ll.llama_model_free, model)
         marks["model"] = time.perf_counter()
-        config = worker_config(spec, threads)
         ctx = _require(ll.llama_init_from_model(model, context_params(config)), "create a context")
         cleanup.callback(ll.llama_free, ctx)
         marks["context"] = time.perf_counter()

@@ -46,7 +46,10 @@ def check(shape: ModelShape, path: Path, threads: int, tokens: int) -> dict:
     """llama.cpp's view of the file (see probe.py), run in a process of its own."""
     command = [sys.executable, "-m", "benchmarks.shapes.probe", str(path)]
     command += ["--threads", str(threads), "--tokens", str(tokens)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    except subprocess.TimeoutExpired:
+        return {"error": ["no answer within an hour"]}
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1:]}
     seen = json.loads(result.stdout.strip().splitlines()[-1])
@@ -90,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan-only", action="store_true", help="write nothing")
     parser.add_argument("--check", action="store_true", help="load and decode each in llama.cpp")
     parser.add_argument("--threads", type=int, default=2, help="decode threads for --check")
-    parser.add_argument("--tokens", type=int, default=16, help="tokens decoded by --check")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=16,
+        choices=range(1, 4097),
+        metavar="1..4096",
+        help="tokens decoded by --check",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 activations through every layer.
 
 The quants and their packed scales are random bytes; only the block scale `d` (and the minimum
-scale `dmin`) is set, to a value that keeps every weight within ±0.05 and centred on zero:
+scale `dmin`) is set, to a value that keeps every weight within about ±0.05 and centred on zero:
 the size of a trained model's weights, without training. Speed depends on the bytes' layout,
 never on their values, so these blocks decode as fast as real ones.
 """

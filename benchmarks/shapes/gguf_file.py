@@ -30,9 +30,11 @@ _SPECIAL = ("<unk>", "<s>", "</s>")
 
 
 def content_key(shape: ModelShape, seed: int) -> str:
-    """16 hex digits naming the file's bytes: the shape, the seed, this generator's version."""
-    fields = {k: v for k, v in asdict(shape).items() if k != "notes"}
-    text = json.dumps([GENERATOR_VERSION, seed, fields], sort_keys=True, default=str)
+    """16 hex digits naming the file's bytes: the shape (not what is said of the real file), the
+    seed, the slice size (the random stream is drawn a slice at a time), the generator's version."""
+    said = ("notes", "published_bytes", "published_as")
+    fields = {k: v for k, v in asdict(shape).items() if k not in said}
+    text = json.dumps([GENERATOR_VERSION, seed, SLICE_VALUES, fields], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

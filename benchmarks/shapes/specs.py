@@ -123,7 +123,7 @@ def _layer(shape: ModelShape, i: int) -> list[TensorPlan]:
 
 
 def tensor_plan(shape: ModelShape) -> list[TensorPlan]:
-    """Every tensor of the model's Q4_K_M file, in the order llama-quantize writes them."""
+    """Every tensor of the model's Q4_K_M file: the global ones, then block by block."""
     e = shape.n_embd
     embedding_type = Q6_K if shape.tied_embeddings else Q4_K  # tied: it is the output too
     tensors = [TensorPlan("token_embd.weight", (e, shape.n_vocab), embedding_type)]

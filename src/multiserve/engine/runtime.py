@@ -124,6 +124,16 @@ def _int32_ptr(array: np.ndarray) -> ctypes.Array:
     return array.ctypes.data_as(ctypes.POINTER(ll.llama_token))
 
 
+def model_params(config: WorkerConfig) -> ll.llama_model_params:
+    """How a worker loads its file: on the CPU, read in rather than mapped unless configured.
+    llama.cpp repacks most weights into a copy of its own, and the mapped pages it read them
+    from would stay resident too (a 7B Q4_K_M model's RSS 1.75x its weights)."""
+    params = ll.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.load_mode = ll.LLAMA_LOAD_MODE_MMAP if config.mmap else ll.LLAMA_LOAD_MODE_NONE
+    return params
+
+
 class Runtime:
     """One loaded model and one context with `n_seq_max` sequences sharing a unified KV cache."""
 
@@ -131,12 +141,7 @@ class Runtime:
         ll.llama_log_set(_log_errors_only, None)
         ll.llama_backend_init()
         self.config = config
-        model_params = ll.llama_model_default_params()
-        model_params.n_gpu_layers = 0
-        # read in, not mapped: llama.cpp repacks most weights into a copy of its own, and the
-        # mapped pages it read them from would stay resident too (RSS 1.75x the weights)
-        model_params.load_mode = ll.LLAMA_LOAD_MODE_MMAP if config.mmap else ll.LLAMA_LOAD_MODE_NONE
-        model = ll.llama_model_load_from_file(str(config.path).encode(), model_params)
+        model = ll.llama_model_load_from_file(str(config.path).encode(), model_params(config))
         if not model:
             raise LoadError("llama.cpp could not load the model file (corrupt or unsupported)")
         self.model = model
