@@ -89,3 +89,28 @@ def test_the_realistic_model_serves(realistic: Path, tmp_path: Path) -> None:
         reply = http.post("/v1/completions", json=body)
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 8
+
+
+def test_realistic_models_take_turns_within_a_budget_that_holds_one(
+    realistic: Path, tmp_path: Path
+) -> None:
+    """Two 1B models under a budget with room for one: each request evicts the other model,
+    nothing is refused, and the loaded worker's RSS stays under its estimate."""
+    models = "".join(
+        f'[[models]]\nid = "{name}"\npath = "{realistic}"\nn_ctx = 512\nn_parallel = 2\n'
+        for name in ("a", "b")
+    )
+    config = tmp_path / "multiserve.toml"
+    config.write_text(f'threads = 2\nmemory_budget = "1.5GiB"\n{models}')
+    body = {"prompt": "w1 w2", "max_tokens": 2, "ignore_eos": True}
+    with run_server(["--config", str(config)], tmp_path) as server, server.http() as http:
+        for name in ("a", "b", "a"):
+            reply = http.post("/v1/completions", json={"model": name, **body})
+            assert reply.status_code == 200, reply.text
+            stats = http.get("/stats").json()
+            states = {m: s["state"] for m, s in stats["models"].items()}
+            assert states == {name: "loaded", "b" if name == "a" else "a": "unloaded"}
+            memory = stats["models"][name]["memory_bytes"]
+            assert stats["memory"]["reserved"] == memory["estimate"]["total"] <= 1.5 * 2**30
+            assert memory["rss"] < memory["estimate"]["total"]
+        assert stats["models"]["a"]["loads"] == 2 and stats["models"]["b"]["loads"] == 1
