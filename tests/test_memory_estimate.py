@@ -7,6 +7,7 @@ builds (`context_params(worker_config(spec))`), and against the RSS of real work
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import time
@@ -213,6 +214,23 @@ def test_embedding_estimate_is_its_kv_and_a_step_of_outputs(
 SMALL_KV, BIG_KV = (1024, 2), (8192, 8)  # n_ctx x n_parallel: 8 MiB and 256 MiB of KV cache
 
 
+@contextlib.contextmanager
+def _all_loaded(models: str, tmp_path: Path) -> Iterator[dict]:
+    """A server on `models` (TOML tables, all preloaded), once every one is loaded: the models
+    part of its /stats, while it still runs."""
+    config = tmp_path / "multiserve.toml"
+    config.write_text(f"threads = 1\n{models}")
+    with run_server(["--config", str(config)], tmp_path) as server, server.http() as http:
+        deadline = time.monotonic() + 60
+        while True:
+            stats = http.get("/stats").json()["models"]
+            if all(m["state"] == "loaded" for m in stats.values()):
+                break
+            assert time.monotonic() < deadline, f"the models did not load: {stats}"
+            time.sleep(0.2)
+        yield stats
+
+
 def test_worker_rss_grows_by_the_kv_estimate(kv_model: Path, tmp_path: Path) -> None:
     """Two workers of one file, one with 32x the cells: their RSS differ by the KV estimates'.
 
@@ -225,17 +243,8 @@ def test_worker_rss_grows_by_the_kv_estimate(kv_model: Path, tmp_path: Path) -> 
         f'n_parallel = {n_parallel}\nstep_tokens = 64\npreload = true\nhost_cache = "0"\n'
         for name, (n_ctx, n_parallel) in (("small", SMALL_KV), ("big", BIG_KV))
     )
-    config = tmp_path / "multiserve.toml"
-    config.write_text(f"threads = 1\n{models}")
-    with run_server(["--config", str(config)], tmp_path) as server, server.http() as http:
-        deadline = time.monotonic() + 60
-        while True:
-            stats = http.get("/stats").json()["models"]
-            if all(m["state"] == "loaded" for m in stats.values()):
-                break
-            assert time.monotonic() < deadline, f"the models did not load: {stats}"
-            time.sleep(0.2)
-    small, big = (stats[name]["memory_bytes"] for name in ("small", "big"))
+    with _all_loaded(models, tmp_path) as stats:
+        small, big = (stats[name]["memory_bytes"] for name in ("small", "big"))
     kv_growth = big["estimate"]["kv_cache"] - small["estimate"]["kv_cache"]
     assert big["rss"] - small["rss"] == pytest.approx(kv_growth, rel=0.1)
     assert kv_growth == 248 * MIB  # (65,536 - 2,048) cells x 4 KiB
@@ -250,16 +259,7 @@ def test_workers_read_their_file_in_unless_told_to_map_it(kv_model: Path, tmp_pa
         f"step_tokens = 64\npreload = true\nmmap = {mapped}\n"
         for name, mapped in (("read", "false"), ("mapped", "true"))
     )
-    config = tmp_path / "multiserve.toml"
-    config.write_text(f"threads = 1\n{models}")
-    with run_server(["--config", str(config)], tmp_path) as server, server.http() as http:
-        deadline = time.monotonic() + 60
-        while True:
-            stats = http.get("/stats").json()["models"]
-            if all(m["state"] == "loaded" for m in stats.values()):
-                break
-            assert time.monotonic() < deadline, f"the models did not load: {stats}"
-            time.sleep(0.2)
+    with _all_loaded(models, tmp_path) as stats:
         maps = {
             name: {m.path for m in psutil.Process(stats[name]["worker_pid"]).memory_maps()}
             for name in ("read", "mapped")
