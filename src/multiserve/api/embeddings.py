@@ -47,7 +47,8 @@ def _worker_gone() -> APIError:
 
 
 async def embed(stream: RequestStream, ticket: Ticket) -> Embedded:
-    """The request's vectors, or EmbeddingFailed; a cancelled wait cancels it in the worker."""
+    """The request's vectors, or EmbeddingFailed. The caller closes the stream (which cancels
+    the request in the worker if it has not finished), however the wait ends."""
     try:
         reply = await stream.next()
     except WorkerGone:
@@ -55,8 +56,6 @@ async def embed(stream: RequestStream, ticket: Ticket) -> Embedded:
     except RequestCut:
         log.warning("request %s cut short: the server is shutting down", stream.request.request_id)
         raise EmbeddingFailed("shutting_down", shutting_down()) from None
-    finally:
-        stream.close()
     if isinstance(reply, Rejected) and reply.timed_out:
         error = APIError(
             503,

@@ -197,8 +197,7 @@ def _routed(
                 _check_rate(state, request, model_id)
             ticket = _place(state, entry, prompts)
         except APIError as refusal:
-            header = decision.explain(model_id, tuple(passed))
-            refusal.headers = {**(refusal.headers or {}), ROUTE_HEADER: header}
+            _with_route(refusal, decision.explain(model_id, tuple(passed)))
             if refusal.status != 503 or not decision.fallthrough or place == len(decision.targets):
                 raise
             passed.append((model_id, refusal.code or "refused"))
@@ -489,7 +488,8 @@ async def list_models(request: Request) -> dict:
 
 
 def _not_the_router(state: ServerState, name: str) -> None:
-    if state.router is not None and name == AUTO_MODEL:
+    if wants_routing(name, state.router):
+        assert state.router is not None
         raise APIError(
             400,
             f"`{AUTO_MODEL}` is the router, not a model: name one of "
@@ -630,7 +630,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         try:
             embedded = await unless_disconnected(request, embed(stream, ticket))
         finally:
-            stream.close()  # also when the wait ended before `embed` ever ran
+            stream.close()  # however the wait ended, even before `embed` ever ran
     except EmbeddingFailed as failure:
         tracker.failed(failure.kind)
         raise failure.error from None

