@@ -125,7 +125,7 @@ def _crowd(count: int) -> list[dict]:
             {
                 "model": MODEL,
                 "prompt": f"{tag} {i} {words}",
-                "max_tokens": 100,
+                "max_tokens": 300,  # with the ~170-token prompts, within the 512 context
                 "temperature": 0.8 if i % 2 else 0,
                 "seed": i,
                 "ignore_eos": True,
