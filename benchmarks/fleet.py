@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -83,7 +82,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -95,15 +93,21 @@ from benchmarks.common.noise import (
     interference,
     is_noisy,
     others_percent,
-    tree_cpu_seconds,
 )
 from benchmarks.common.output import console, out
 from benchmarks.common.page_cache import drop_pages, resident_fraction
 from benchmarks.common.prompts import prompt_text
 from benchmarks.common.raw_http import RawReply, connections, exchange, request_bytes
 from benchmarks.common.second_model import q8_model
+from benchmarks.common.server_control import settle, unload
 from benchmarks.common.servers import RunningServer, port_taken, run_benchmark
-from benchmarks.common.sse import EXACT_GREEDY, Streamed, complete, loopback_client
+from benchmarks.common.sse import (
+    EXACT_GREEDY,
+    Streamed,
+    complete,
+    loopback_client,
+    require_complete,
+)
 from benchmarks.common.verdict import add_no_fail, exit_status, runs_text, target_table, verdict
 from multiserve.config import EMBEDDED_MODEL, ModelSpec
 from multiserve.models.default import default_model_path
@@ -115,9 +119,6 @@ SHAPE = {"n_ctx": 1024, "n_parallel": 4, "step_tokens": 256}
 STREAMS_PER_MODEL = 4
 WARMUP_TOKENS = 8
 COLD_TOKENS = 4  # the cold request only needs its first token; a few more check the stream
-SPARE_WARMUP_S = 2.0  # after /health or an unload, let a spare worker start and import
-SETTLE_TIMEOUT_S = 20.0
-SETTLE_CPU_SHARE = 0.05  # the server's process tree counts as idle below 5% of one core
 FLOOD_SLOTS = 2
 FLOOD_QUEUE_LIMIT = 4
 FLOOD_FACTOR = 10
@@ -133,43 +134,6 @@ ROTATION_SECONDS = 45.0  # concurrent traffic: each model's client loops for thi
 ROTATION_CYCLES = 6  # sequential traffic: one client cycles through the models this often
 ROTATION_TURNS = {"turns": 15.0, "no turns": 0.0}  # model_turn: the default, and none
 TARGET_ROTATION_LOADS = 0.25  # loads per request with turns / without, concurrent traffic
-
-
-# -- the server's processes ------------------------------------------------------------------
-
-
-def worker_processes(pid: int) -> int:
-    """The server's spawned worker processes (loaded models and the spare), not its helpers."""
-    count = 0
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(pid).children():
-            with contextlib.suppress(psutil.Error):
-                count += "spawn_main" in " ".join(child.cmdline())
-    return count
-
-
-async def settle(server: RunningServer, workers: int, floor_s: float = SPARE_WARMUP_S) -> float:
-    """Wait `floor_s`, then until `workers` worker processes exist and the server is idle.
-
-    The server may start its next spare a few seconds after a load; waiting for the process
-    (not a fixed time) keeps a booting spare from competing with the anchor or the next load.
-    """
-    start = time.perf_counter()
-    await asyncio.sleep(floor_s)
-    interval = 0.25
-    while time.perf_counter() - start < SETTLE_TIMEOUT_S:
-        before = tree_cpu_seconds(server.proc.pid)
-        await asyncio.sleep(interval)
-        idle = tree_cpu_seconds(server.proc.pid) - before < SETTLE_CPU_SHARE * interval
-        if idle and worker_processes(server.proc.pid) >= workers:
-            return time.perf_counter() - start
-    raise TimeoutError(f"no idle spare worker after {SETTLE_TIMEOUT_S:.0f}s")
-
-
-def require_complete(outcomes: Sequence[Streamed], tokens: int) -> None:
-    for outcome in outcomes:
-        if (problem := outcome.problem(tokens)) is not None:
-            raise RuntimeError(f"request to {outcome.model}: {problem}")
 
 
 # -- 1. core sharing -------------------------------------------------------------------------
@@ -316,12 +280,6 @@ async def warm_api(client: httpx.AsyncClient) -> None:
     outcome = await complete(client, "no-such-model", "warm-up", 1)
     if outcome.status != 404:
         raise RuntimeError(f"warm-up expected 404, got {outcome.status}")
-
-
-async def unload(client: httpx.AsyncClient, model: str) -> None:
-    response = await client.post(f"/v1/models/{model}/unload")
-    if response.status_code != 200:
-        raise RuntimeError(f"unload {model}: HTTP {response.status_code}: {response.text[:300]}")
 
 
 def cached_share(model: Path, drop: bool) -> float:

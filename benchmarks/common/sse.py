@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,3 +166,10 @@ async def complete(
     `extra` says otherwise."""
     body = {"model": model, "prompt": prompt, "max_tokens": tokens, **EXACT_GREEDY, **extra}
     return await stream(client, "/v1/completions", body)
+
+
+def require_complete(outcomes: Sequence[Streamed], tokens: int) -> None:
+    """Raise unless every outcome is a complete answer of exactly `tokens` tokens."""
+    for outcome in outcomes:
+        if (problem := outcome.problem(tokens)) is not None:
+            raise RuntimeError(f"request to {outcome.model}: {problem}")
