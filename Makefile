@@ -12,7 +12,8 @@ test: install
 	.venv/bin/python -m pytest
 
 # Every benchmark runs, then the target fails if any of them missed a target (exit status 1).
-BENCHMARKS = serving_core fleet peers soak real_traffic embeddings tool_calls routing expert_memory
+BENCHMARKS = serving_core fleet peers soak real_traffic embeddings tool_calls routing expert_memory \
+             experts_day
 
 bench:
 	@MULTISERVE_EXTRAS=test,bench bash scripts/install.sh

@@ -59,6 +59,7 @@ class Streamed:
     t_last: float | None = None
     text: str = ""
     completion_tokens: int = 0  # from the usage chunk; 0 without one
+    prompt_tokens: int = 0
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
     finish_reason: str | None = None
     done: bool = False  # the stream ended with `data: [DONE]`
@@ -149,6 +150,7 @@ async def _read(response: httpx.Response, endpoint: Endpoint, result: Streamed) 
         now = time.perf_counter()
         if usage := chunk.get("usage"):
             result.completion_tokens = usage.get("completion_tokens") or 0
+            result.prompt_tokens = usage.get("prompt_tokens") or 0
             result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         for choice in chunk.get("choices") or ():
             if text := choice_text(choice, endpoint):
