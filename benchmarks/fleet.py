@@ -95,7 +95,7 @@ from benchmarks.common.noise import (
     others_percent,
 )
 from benchmarks.common.output import console, out
-from benchmarks.common.page_cache import drop_pages, resident_fraction
+from benchmarks.common.page_cache import cached_share
 from benchmarks.common.prompts import prompt_text
 from benchmarks.common.raw_http import RawReply, connections, exchange, request_bytes
 from benchmarks.common.second_model import q8_model
@@ -253,10 +253,7 @@ def run_cold_anchor(
     t["imported"] = time.perf_counter()
     spec = ModelSpec(id="anchor", path=Path(model_path), **shape)  # the server's model table
     with raw_llama(spec, threads, marks=t) as raw:
-        tokens = raw.tokenize(prompt)
-        last = len(tokens) - 1
-        raw.decode([(token, pos, 0, pos == last) for pos, token in enumerate(tokens)])
-        raw.argmax(last)
+        prompt_tokens, _ = raw.first_token(prompt)
         t["first"] = time.perf_counter()
     return {
         "spawn_s": t["called"] - t_submit,  # interpreter start + this module's imports
@@ -265,7 +262,7 @@ def run_cold_anchor(
         "context_s": t["context"] - t["model"],
         "prompt_first_token_s": t["first"] - t["context"],
         "total_s": t["first"] - t["start"],
-        "prompt_tokens": len(tokens),
+        "prompt_tokens": prompt_tokens,
     }
 
 
@@ -280,13 +277,6 @@ async def warm_api(client: httpx.AsyncClient) -> None:
     outcome = await complete(client, "no-such-model", "warm-up", 1)
     if outcome.status != 404:
         raise RuntimeError(f"warm-up expected 404, got {outcome.status}")
-
-
-def cached_share(model: Path, drop: bool) -> float:
-    """The model file's share in the page cache, after dropping its pages if `drop`."""
-    if drop:
-        drop_pages(model)
-    return resident_fraction(model)
 
 
 async def cold_rounds(

@@ -98,6 +98,13 @@ class RawLlama:
         logits = self.ll.llama_get_logits_ith(self.ctx, row)
         return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
 
+    def first_token(self, prompt: str) -> tuple[int, int]:
+        """Read `prompt` in one step and pick its next token greedily: (prompt tokens, token)."""
+        ids = self.tokenize(prompt)
+        last = len(ids) - 1
+        self.decode([(token, pos, 0, pos == last) for pos, token in enumerate(ids)])
+        return len(ids), self.argmax(last)
+
     def clear(self) -> None:
         self.ll.llama_memory_clear(self.ll.llama_get_memory(self.ctx), True)
 

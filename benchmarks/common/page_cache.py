@@ -59,3 +59,10 @@ def resident_fraction(path: Path) -> float:
     finally:
         os.close(fd)
     return sum(v & 1 for v in vector) / pages
+
+
+def cached_share(path: Path, drop: bool) -> float:
+    """The file's share in the page cache, after dropping its pages if `drop`."""
+    if drop:
+        drop_pages(path)
+    return resident_fraction(path)

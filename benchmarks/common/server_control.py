@@ -54,3 +54,11 @@ async def unload(client: httpx.AsyncClient, model: str) -> None:
     response = await client.post(f"/v1/models/{model}/unload")
     if response.status_code != 200:
         raise RuntimeError(f"unload {model}: HTTP {response.status_code}: {response.text[:300]}")
+
+
+async def unload_all(client: httpx.AsyncClient) -> None:
+    """Unload every loaded model (pinned ones too): the server as after a restart."""
+    states = (await client.get("/health")).json()["models"]
+    for model, state in states.items():
+        if state == "loaded":
+            await unload(client, model)

@@ -3,7 +3,7 @@
 The event stream is read by `multiserve bench`'s own strict reader (`stream_events`), so the
 benchmarks and the load tester agree on what a complete answer is. `stream` never raises on an
 HTTP status or a broken stream: a flood or a soak needs every answer as it came, and a benchmark
-that wants a clean answer asks for it with `Streamed.raise_for_failure`.
+that wants a clean answer asks for it with `Streamed.raise_for_failure` or `require_complete`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -57,6 +57,7 @@ class Streamed:
     t_end: float = 0.0
     t_first: float | None = None  # first chunk with text
     t_last: float | None = None
+    t_chunks: list[float] = field(default_factory=list)  # every chunk with text (about a token)
     text: str = ""
     completion_tokens: int = 0  # from the usage chunk; 0 without one
     prompt_tokens: int = 0
@@ -157,6 +158,7 @@ async def _read(response: httpx.Response, endpoint: Endpoint, result: Streamed) 
                 if result.t_first is None:
                     result.t_first = now
                 result.t_last = now
+                result.t_chunks.append(now)
                 result.text += text
             result.finish_reason = choice.get("finish_reason") or result.finish_reason
 

@@ -1,7 +1,7 @@
 """The seed's day, replayed: the five experts at their real sizes behind one endpoint.
 
     .venv/bin/python -m benchmarks.experts_day [--only alone,day] [--experts NAME,...]
-                                               [--minutes 12] [--budget 22.5GiB] [--threads 2]
+                                               [--minutes 12] [--budget 22.5GiB] [--threads CORES]
                                                [--port 8097] [--out-dir DIR] [--no-fail]
 
 Runs examples/experts.toml, as shipped but for the model paths (the shape-true files of
@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import psutil
+
 from benchmarks.common.machine import machine_info
 from benchmarks.common.multiserve_config import serving_config
 from benchmarks.common.output import console, out
@@ -47,12 +49,16 @@ from benchmarks.experts_day.seed import seed_text, written
 PARTS = ("alone", "day")
 LOAD_TIMEOUT_S = 900.0  # the server's start, with a 4.7 GB model read from a slow disk
 REQUEST_TIMEOUT_S = 1800.0  # a request may wait for a 9 GB load and a busy model's turn
+DRAIN_S = 120.0  # conversations under way finish after the day's end
 
 
 def alone(args: argparse.Namespace, directory: Path) -> list[ExpertRun]:
     text = seed_text(args.threads, args.budget, pinned=False)
     settings = written(text, directory / "alone.toml")
-    chosen = args.experts.split(",") if args.experts else [m.id for m in settings.models]
+    ids = [m.id for m in settings.models]
+    chosen = args.experts.split(",") if args.experts else ids
+    if unknown := set(chosen) - set(ids):
+        raise SystemExit(f"--experts: no model `{', '.join(sorted(unknown))}` (ids: {ids})")
     specs = [m for m in settings.models if m.id in chosen]
 
     async def each() -> list[ExpertRun]:
@@ -67,6 +73,10 @@ def day(args: argparse.Namespace, directory: Path) -> DayLog:
     text = seed_text(args.threads, args.budget, pinned=True)
     settings = written(text, directory / "day.toml")
     preloaded = [m.id for m in settings.models if m.preload]
+    ttl = min((m.idle_ttl for m in settings.models if m.idle_ttl and not m.pinned), default=None)
+    if ttl is not None and args.minutes * 60 >= ttl - DRAIN_S:
+        # an idle unload would be counted as an eviction
+        raise SystemExit(f"--minutes: the day must end well before the idle_ttl of {ttl:.0f} s")
 
     async def replay() -> DayLog:
         async with loopback_client(args.port, timeout_s=REQUEST_TIMEOUT_S) as client:
@@ -84,7 +94,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--experts", help="the experts measured alone (default: all five)")
     parser.add_argument("--minutes", type=float, default=12.0, help="length of the day")
     parser.add_argument("--budget", default="22.5GiB", help="the server's memory_budget")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
     parser.add_argument("--port", type=int, default=8097)
     parser.add_argument("--seed", type=int, default=0, help="of the day's bursts")
     parser.add_argument("--out-dir", type=Path, help="keep configs, logs and results.json here")
@@ -105,9 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.print(f"machine: {machine_info()}")
     results: dict[str, object] = {"machine": machine_info()}
     missed: list[str] = []
+    saved = directory / "results.json"
     if "alone" in parts:
         runs = alone(args, directory)
         results["alone"] = [asdict(run) for run in runs]
+        saved.write_text(json.dumps(results, indent=1))  # kept if the day fails
         missed += speed_table(runs) + latency_table(runs)
     if "day" in parts:
         log = day(args, directory)
@@ -119,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for r in log.requests
             ],
         }
+        saved.write_text(json.dumps(results, indent=1))
         missed += day_table(log)
-    (directory / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return exit_status(missed, args.no_fail)
 
 

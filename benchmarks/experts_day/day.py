@@ -3,11 +3,12 @@ between experts as users do.
 
 Two users chat with the pinned expert all day (multi-turn under one shared system prompt, some
 seconds of thought between turns). About every minute and a half a few users turn to another
-expert for a short conversation of their own; each of the other four gets such a burst at least
-once, in a seeded order. Every request is recorded with its model's state when it was sent (a
-request to a model not loaded waits for a load); /health is read twice a second for the models in
-memory (a model leaving it is an eviction: nobody unloads by hand, and the day is shorter than
-the config's `idle_ttl`) and the machine's available memory is sampled with it.
+expert for a short conversation of their own: the first four bursts go to the other four, in a
+seeded order, then a weighted choice. Every request is recorded with whether it had to wait for
+a load (its model, by /stats just before, not in memory or giving way); /stats is read twice a
+second for the models in memory, and the machine's available memory with it. Evictions are each
+model's loads but the last one still in memory: nobody unloads by hand, and the day must be
+shorter than the config's `idle_ttl`.
 
 A user stays within what a model's slots and queue hold, so any refusal is one that could have
 waited: the target is none, and every admitted request complete.
@@ -19,7 +20,6 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
@@ -52,37 +52,40 @@ class DayRequest:
 
 @dataclass
 class Watcher:
-    """What /health says, twice a second: the models in memory, and every one that left it."""
+    """What /stats says, twice a second: the models in memory, and the machine's free memory."""
 
     client: httpx.AsyncClient
-    states: dict[str, str] = field(default_factory=dict)
-    evictions: Counter[str] = field(default_factory=Counter)
     timeline: list[tuple[float, tuple[str, ...]]] = field(default_factory=list)
     lowest_available: int = 2**62
 
+    async def models(self) -> dict[str, dict]:
+        return (await self.client.get("/stats")).json()["models"]
+
+    async def cold(self, model: str) -> bool:
+        """True when a request sent now must wait for a load (its model is not in memory, or
+        is giving way to another)."""
+        entry = (await self.models())[model]
+        return entry["state"] != "loaded" or entry["giving_way"]
+
     async def poll(self, started: float) -> None:
-        with contextlib.suppress(httpx.HTTPError):
-            states = (await self.client.get("/health")).json()["models"]
-            for model, state in states.items():
-                if self.states.get(model) == "loaded" and state == "unloaded":
-                    self.evictions[model] += 1
-            loaded = tuple(sorted(m for m, s in states.items() if s == "loaded"))
+        with contextlib.suppress(Exception):  # a missed sample is no reason to stop watching
+            models = await self.models()
+            loaded = tuple(sorted(m for m, e in models.items() if e["state"] == "loaded"))
             if not self.timeline or self.timeline[-1][1] != loaded:
                 self.timeline.append((round(time.perf_counter() - started, 1), loaded))
-            self.states = states
         self.lowest_available = min(self.lowest_available, psutil.virtual_memory().available)
 
     async def run(self, started: float) -> None:
         while True:
-            await asyncio.sleep(POLL_S)
             await self.poll(started)
+            await asyncio.sleep(POLL_S)
 
 
 @dataclass
 class DayLog:
     seconds: float
     requests: list[DayRequest]
-    evictions: Counter[str]
+    evictions: dict[str, int]
     timeline: list[tuple[float, tuple[str, ...]]]
     lowest_available: int
     loads: dict[str, int]
@@ -130,9 +133,9 @@ class Day:
                 return
             messages.append({"role": "user", "content": tokens(rng, USER_TOKENS)})
             body = {"model": user.model, "messages": messages, "max_tokens": user.tokens}
-            cold = self.watcher.states.get(user.model) != "loaded"
+            cold = await self.watcher.cold(user.model)
             at = time.perf_counter() - self.started
-            reply = await stream(self.client, "/v1/chat/completions", {**body, **EXACT_GREEDY})
+            reply = await self.send({**body, **EXACT_GREEDY})
             self.requests.append(DayRequest(user.model, user.name, at, cold, reply))
             if reply.problem(user.tokens) is None:
                 messages.append(answered(rng, reply.completion_tokens))
@@ -140,6 +143,17 @@ class Day:
                 messages.pop()
                 console.print(f"[yellow]{user.name} -> {user.model}: {reply.problem()}")
             await asyncio.sleep(rng.uniform(*user.think_s))
+
+    async def send(self, body: dict) -> Streamed:
+        """The streamed chat; a connection that breaks is a request not served, not the end
+        of the day."""
+        sent = time.perf_counter()
+        try:
+            return await stream(self.client, "/v1/chat/completions", body)
+        except httpx.HTTPError as exc:
+            failed = Streamed(body["model"], body["max_tokens"], True, 0, sent, time.perf_counter())
+            failed.stream_error = f"{type(exc).__name__}: {exc}"
+            return failed
 
     async def pinned_user(self, i: int, system: str) -> None:
         rng = random.Random(f"pinned-{i}")
@@ -163,7 +177,6 @@ class Day:
     async def run(self) -> DayLog:
         plan = self.bursts()
         self.started = time.perf_counter()
-        await self.watcher.poll(self.started)  # so the first requests know what is loaded
         watching = asyncio.create_task(self.watcher.run(self.started))
         system = tokens(random.Random(PINNED), SYSTEM_TOKENS)
         try:
@@ -173,13 +186,18 @@ class Day:
             )
         finally:
             watching.cancel()
-        stats = (await self.client.get("/stats")).json()["models"]
+        models = await self.watcher.models()
+        # nobody unloads by hand and the day is shorter than any idle_ttl, so every load but a
+        # model's last one still in memory ended in an eviction
+        evictions = {
+            m: e["loads"] - (e["state"] in ("loaded", "loading")) for m, e in models.items()
+        }
         return DayLog(
             seconds=time.perf_counter() - self.started,
             requests=self.requests,
-            evictions=self.watcher.evictions,
+            evictions=evictions,
             timeline=self.watcher.timeline,
             lowest_available=self.watcher.lowest_available,
-            loads={model: entry["loads"] for model, entry in stats.items()},
+            loads={model: entry["loads"] for model, entry in models.items()},
             bursts=plan,
         )

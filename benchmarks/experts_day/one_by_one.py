@@ -6,7 +6,7 @@ For each expert, with no other model loaded (as after a restart, or a quiet hour
    model read from disk;
 2. loaded, settled: the machine's memory read bandwidth (benchmarks/common/bandwidth.py: the
    ceiling of one stream's decoding, measured next to it as it drifts with the neighbours' load),
-   then tokens/s of one stream and of four at once (exact counts, greedy);
+   then tokens/s of one stream (median of three runs) and of four at once (exact counts, greedy);
 3. a chat with ~500 tokens of history: its next turn's TTFT with the server's prefix reuse and
    with `cache_prompt: false` (the whole history read again, as a server without reuse does);
 4. unloaded, then the anchor in a fresh process: raw llama.cpp loading the file (now in the page
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -26,8 +28,8 @@ import httpx
 from benchmarks.common.bandwidth import read_bandwidth
 from benchmarks.common.llama_anchor import import_llama, in_fresh_process, raw_llama
 from benchmarks.common.output import console
-from benchmarks.common.page_cache import drop_pages, resident_fraction
-from benchmarks.common.server_control import settle, unload
+from benchmarks.common.page_cache import cached_share
+from benchmarks.common.server_control import settle, unload, unload_all
 from benchmarks.common.servers import RunningServer
 from benchmarks.common.sse import EXACT_GREEDY, Streamed, complete, require_complete, stream
 from benchmarks.experts_day.text import answered, history, tokens
@@ -35,6 +37,8 @@ from multiserve.config import ModelSpec
 
 COLD_TOKENS = 4
 DECODE_TOKENS = 17  # 16 intervals between tokens, timed from the first to the last
+ONE_STREAM_RUNS = 3  # the median counts: one run of a few seconds is at the mercy of a neighbour
+RAW_DECODE_TOKENS = 48  # the anchor's, as many as the server's three runs
 STREAMS = 4
 PROMPT_TOKENS = 16
 TURN_TOKENS = 8
@@ -65,44 +69,42 @@ class ExpertRun:
         return self.turn_prompt_tokens / self.ttft_turn_no_reuse_s
 
 
-def run_anchor(spec: ModelSpec, threads: int, prompt: str, tokens: int) -> dict[str, float]:
+def run_anchor(spec: ModelSpec, threads: int, prompt: str, n_tokens: int) -> dict[str, float]:
     """Raw llama.cpp on the worker's context for `spec`: cold load to first token, then
-    `tokens` single-token decodes fed back greedily. Runs in a fresh spawned process."""
+    `n_tokens` single-token decodes fed back greedily. Runs in a fresh spawned process."""
     import_llama()
     marks: dict[str, float] = {}
     with raw_llama(spec, threads, marks=marks) as raw:
-        ids = raw.tokenize(prompt)
-        last = len(ids) - 1
-        raw.decode([(token, pos, 0, pos == last) for pos, token in enumerate(ids)])
-        token = raw.argmax(last)
+        read, token = raw.first_token(prompt)
         first = time.perf_counter()
-        for pos in range(len(ids), len(ids) + tokens):
+        for pos in range(read, read + n_tokens):
             raw.decode([(token, pos, 0, True)])
             token = raw.argmax(0)
         decoded = time.perf_counter()
     return {
         "cold_s": first - marks["start"],
         "load_s": marks["model"] - marks["start"],
-        "decode_tok_s": tokens / (decoded - first),
+        "decode_tok_s": n_tokens / (decoded - first),
     }
 
 
-async def _unload_all(client: httpx.AsyncClient) -> None:
-    states = (await client.get("/health")).json()["models"]
-    for model, state in states.items():
-        if state == "loaded":
-            await unload(client, model)
+def decode_rate(replies: Sequence[Streamed]) -> float:
+    """Tokens/s while every stream decodes: the chunks (a token each, bar a held-back partial
+    character) from the last stream's first token to the first stream's last one, over that
+    time. The prompts, read in the steps before, are left out, as they are for one stream."""
+    start = max(r.t_first or r.t_end for r in replies)
+    end = min(r.t_last or r.t_end for r in replies)
+    if end <= start:
+        raise RuntimeError("the streams never decoded at the same time")
+    return sum(start < t <= end for r in replies for t in r.t_chunks) / (end - start)
 
 
 async def _streams(client: httpx.AsyncClient, model: str, rng: random.Random, n: int) -> float:
-    """Output tokens/s of `n` streams at once, from the first send to the last token."""
-    started = time.perf_counter()
+    """Decode tokens/s of `n` streams sent at once (`decode_rate`)."""
     jobs = [complete(client, model, tokens(rng, PROMPT_TOKENS), DECODE_TOKENS) for _ in range(n)]
     replies = await asyncio.gather(*jobs)
     require_complete(replies, DECODE_TOKENS)
-    if n == 1:
-        return replies[0].decode_tok_s
-    return n * DECODE_TOKENS / (max(r.t_end for r in replies) - started)
+    return decode_rate(replies)
 
 
 async def _turn(
@@ -134,9 +136,7 @@ async def _cold(
     client: httpx.AsyncClient, spec: ModelSpec, prompt: str, drop: bool
 ) -> tuple[float, float]:
     """(TTFT of a request to the unloaded model, its file's page-cache share just before)."""
-    if drop:
-        drop_pages(spec.path)
-    cached = resident_fraction(spec.path)
+    cached = cached_share(spec.path, drop)
     reply = await complete(client, spec.id, prompt, COLD_TOKENS)
     require_complete([reply], COLD_TOKENS)
     return reply.ttft, cached
@@ -147,13 +147,15 @@ async def measure_expert(
 ) -> ExpertRun:
     rng = random.Random(spec.id)
     prompt = tokens(rng, PROMPT_TOKENS)
-    await _unload_all(client)
+    await unload_all(client)
     await settle(server, workers=1)
     ttft_dropped, cached_dropped = await _cold(client, spec, prompt, drop=True)
     console.print(f"{spec.id}: cold, from disk: first token after {ttft_dropped:.1f} s")
     await settle(server, workers=2)
     bandwidth = await asyncio.to_thread(read_bandwidth, threads)
-    one = await _streams(client, spec.id, rng, 1)
+    one = statistics.median(
+        [await _streams(client, spec.id, rng, 1) for _ in range(ONE_STREAM_RUNS)]
+    )
     four = await _streams(client, spec.id, rng, STREAMS)
     console.print(f"{spec.id}: {one:.2f} tok/s at 1 stream, {four:.2f} at {STREAMS}")
     reused, again = await _next_turn(client, spec.id, rng)
@@ -163,7 +165,9 @@ async def measure_expert(
     )
     await unload(client, spec.id)
     await settle(server, workers=1)
-    anchor = await asyncio.to_thread(in_fresh_process, run_anchor, spec, threads, prompt, 16)
+    anchor = await asyncio.to_thread(
+        in_fresh_process, run_anchor, spec, threads, prompt, RAW_DECODE_TOKENS
+    )
     ttft_warm, cached_warm = await _cold(client, spec, prompt, drop=False)
     console.print(
         f"{spec.id}: cold, from the page cache: first token after {ttft_warm:.1f} s "

@@ -54,8 +54,9 @@ def speed_table(runs: Sequence[ExpertRun]) -> list[str]:
             "GB/s",
             "ceiling",
             "raw",
-            "raw/ceiling",
+            "/ceiling",
             "1 stream",
+            "/ceiling",
             "vs raw",
             "result",
             "4 streams",
@@ -78,6 +79,7 @@ def speed_table(runs: Sequence[ExpertRun]) -> list[str]:
             f"{run.raw_decode_tok_s:.2f}",
             f"{run.raw_decode_tok_s / ceiling:.0%}",
             f"{run.decode_1_tok_s:.2f}",
+            f"{run.decode_1_tok_s / ceiling:.0%}",
             f"{ratio:.2f}",
             verdict(ratio >= TARGET_DECODE),
             f"{run.decode_4_tok_s:.2f}",
@@ -97,6 +99,7 @@ def latency_table(runs: Sequence[ExpertRun]) -> list[str]:
             "cold: disk",
             "page cache",
             "raw",
+            "raw load",
             "vs raw",
             "result",
             "turn tokens",
@@ -120,6 +123,7 @@ def latency_table(runs: Sequence[ExpertRun]) -> list[str]:
             f"{run.ttft_cold_dropped_s:.1f} ({run.cached_before_dropped:.0%})",
             f"{run.ttft_cold_warm_s:.1f} ({run.cached_before_warm:.0%})",
             f"{run.raw_cold_s:.1f}",
+            f"{run.raw_load_s:.1f}",
             f"{cold:.2f}",
             verdict(cold <= TARGET_COLD),
             str(run.turn_prompt_tokens),
@@ -146,7 +150,11 @@ def _seconds(values: Sequence[float]) -> str:
 
 
 def _refusals(requests: Sequence[DayRequest]) -> str:
-    codes = Counter(r.reply.code or str(r.reply.status) for r in requests if r.reply.status != 200)
+    codes = Counter(
+        r.reply.code or (f"HTTP {r.reply.status}" if r.reply.status else "connection broken")
+        for r in requests
+        if r.reply.status != 200
+    )
     return ", ".join(f"{n} {code}" for code, n in codes.items()) or "0"
 
 

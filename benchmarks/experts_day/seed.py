@@ -2,8 +2,9 @@
 
 Only what must differ here is changed, line by line, so every other setting (contexts, slots, KV
 types, queues, turns, the router) is the shipped one: each expert's path becomes its shape-true
-file (benchmarks/shapes), `threads` this machine's cores, `memory_budget` the budget asked for;
-and, for the expert-by-expert phase, nothing is preloaded or pinned, so every load can be timed.
+file (benchmarks/shapes), `threads` the cores the replay is given, `memory_budget` the budget
+asked for; and, for the expert-by-expert phase, nothing is preloaded or pinned, so every load can
+be timed.
 """
 
 from __future__ import annotations

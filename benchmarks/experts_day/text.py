@@ -4,7 +4,8 @@ The shape-true vocabularies hold the 256 byte tokens and word pieces `▁w0`, `�
 text reaches (llama.cpp's SentencePiece tokenizer builds a piece from smaller pieces, and `▁w` is
 none), so every byte of a prompt is one token: English prose would cost four times the tokens a
 real tokenizer makes of it, and a space (`▁`, three bytes) three. A run of letters without spaces
-is one token per letter, so a message of N letters costs what N tokens of a real one cost.
+is one token per letter, so a message of N letters costs what N tokens of a real one cost (give or
+take the few the tokenizer and the chat template add).
 
 For the same reason a model's answer, sent back as the next turn's history, would not read back as
 the tokens it was generated as (`▁w123` becomes seven byte tokens); a real tokenizer reads an
@@ -18,7 +19,7 @@ import string
 
 
 def tokens(rng: random.Random, n: int) -> str:
-    """Text of exactly `n` tokens for these models (random lowercase letters)."""
+    """Text of `n` tokens for these models (random lowercase letters)."""
     return "".join(rng.choices(string.ascii_lowercase, k=n))
 
 
