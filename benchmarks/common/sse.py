@@ -55,8 +55,6 @@ class Streamed:
     t_send: float
     t_response: float  # 200: headers read; otherwise: the whole error response read
     t_end: float = 0.0
-    t_first: float | None = None  # first chunk with text
-    t_last: float | None = None
     t_chunks: list[float] = field(default_factory=list)  # every chunk with text (about a token)
     text: str = ""
     completion_tokens: int = 0  # from the usage chunk; 0 without one
@@ -68,6 +66,15 @@ class Streamed:
     retry_after: str | None = None
     body: str = ""  # the text of an error response
     stream_error: str | None = None  # what broke a stream after its 200
+
+    @property
+    def t_first(self) -> float | None:
+        """When the first chunk with text came (None: none came)."""
+        return self.t_chunks[0] if self.t_chunks else None
+
+    @property
+    def t_last(self) -> float | None:
+        return self.t_chunks[-1] if self.t_chunks else None
 
     @property
     def ttft(self) -> float:
@@ -155,9 +162,6 @@ async def _read(response: httpx.Response, endpoint: Endpoint, result: Streamed) 
             result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         for choice in chunk.get("choices") or ():
             if text := choice_text(choice, endpoint):
-                if result.t_first is None:
-                    result.t_first = now
-                result.t_last = now
                 result.t_chunks.append(now)
                 result.text += text
             result.finish_reason = choice.get("finish_reason") or result.finish_reason

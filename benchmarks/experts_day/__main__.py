@@ -38,7 +38,7 @@ import psutil
 from benchmarks.common.machine import machine_info
 from benchmarks.common.multiserve_config import serving_config
 from benchmarks.common.output import console, out
-from benchmarks.common.servers import port_taken, run_benchmark
+from benchmarks.common.servers import RunningServer, port_taken, run_benchmark
 from benchmarks.common.sse import loopback_client
 from benchmarks.common.verdict import add_no_fail, exit_status
 from benchmarks.experts_day.day import Day, DayLog
@@ -61,12 +61,12 @@ def alone(args: argparse.Namespace, directory: Path) -> list[ExpertRun]:
         raise SystemExit(f"--experts: no model `{', '.join(sorted(unknown))}` (ids: {ids})")
     specs = [m for m in settings.models if m.id in chosen]
 
-    async def each() -> list[ExpertRun]:
+    async def each(server: RunningServer) -> list[ExpertRun]:
         async with loopback_client(args.port, timeout_s=REQUEST_TIMEOUT_S) as client:
             return [await measure_expert(server, client, spec, args.threads) for spec in specs]
 
     with serving_config("alone", text, directory, args.port, timeout_s=LOAD_TIMEOUT_S) as server:
-        return asyncio.run(each())
+        return asyncio.run(each(server))
 
 
 def day(args: argparse.Namespace, directory: Path) -> DayLog:
