@@ -40,8 +40,8 @@ from multiserve.api.schemas import (
     SamplingRequest,
 )
 from multiserve.api.security import API_KEY_SCOPE
+from multiserve.backends.client import ModelClient, RequestCut
 from multiserve.config import Settings
-from multiserve.engine.client import EngineClient, RequestCut
 from multiserve.engine.protocol import (
     Embed,
     Generate,
@@ -108,8 +108,13 @@ def _entry(state: ServerState, name: str) -> ModelEntry:
 
 
 def _unavailable(exc: ModelUnavailable | ModelTooLarge) -> APIError:
-    if isinstance(exc, ModelTooLarge):  # a 4xx: clients retry 5xx, and that cannot help here
+    if isinstance(exc, ModelTooLarge) and exc.retry_after is None:
+        # a 4xx: clients retry 5xx, and that cannot help here
         return APIError(400, str(exc), param="model", code="model_too_large")
+    if isinstance(exc, ModelTooLarge):  # until a big enough node joins the cluster
+        return APIError(
+            503, str(exc), code="model_too_large", headers={"Retry-After": str(exc.retry_after)}
+        )
     return APIError(
         503, str(exc), code="model_unavailable", headers={"Retry-After": str(exc.retry_after)}
     )
@@ -267,7 +272,7 @@ def _place(state: ServerState, entry: ModelEntry, places: int) -> Ticket:
 
 async def _engine(
     state: ServerState, request: Request, entry: ModelEntry, ticket: Ticket, deadline: float
-) -> EngineClient:
+) -> ModelClient:
     """The model's worker; waiting for a load or for room counts against the request's queue
     timeout, and a client gone meanwhile stops waiting (a load nobody waits for stops too).
 
@@ -401,7 +406,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         message, param, code = problem
         raise APIError(400, message, param=param, code=code)
 
-    def build(entry: ModelEntry, engine: EngineClient, name: str) -> Built:
+    def build(entry: ModelEntry, engine: ModelClient, name: str) -> Built:
         info = engine.info
         template = resolve_template(
             info.chat_template,
@@ -447,7 +452,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         TextPrompt.completion(p) if isinstance(p, str) else TokenPrompt(p) for p in body.prompts
     ]
 
-    def build(entry: ModelEntry, engine: EngineClient, name: str) -> Built:
+    def build(entry: ModelEntry, engine: ModelClient, name: str) -> Built:
         return Built(prompts, True, TextFormat(name, want_logprobs=body.logprobs is not None))
 
     return await _complete(request, body, len(prompts), build, lambda: completion_route(body))
@@ -581,7 +586,7 @@ async def stats(request: Request) -> dict:
     fleet = state.fleet
     body = {
         "uptime_seconds": round(time.time() - state.started, 3),
-        "memory": {"budget": fleet.budget, "reserved": fleet.reserved_bytes()},
+        "memory": fleet.memory(),
         **state.metrics.snapshot(),
     }
     if state.router is not None:

@@ -17,26 +17,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-import psutil
-
-from multiserve.config import ModelSpec, Settings, parse_budget
-from multiserve.engine.client import EngineClient, RequestCut, WorkerLoadError, WorkerProcess
-from multiserve.engine.lease import ComputeLease
+from multiserve.backends import Backend, make_backend
+from multiserve.backends.client import ModelClient, RequestCut, Reservation, WorkerLoadError
+from multiserve.config import ModelSpec, Settings
 from multiserve.engine.protocol import WorkerConfig
 from multiserve.fleet.admission import Admission, Ticket
-from multiserve.fleet.gguf_header import GGUFError, read_header
+from multiserve.fleet.gguf_header import GGUFError
 from multiserve.fleet.memory import MemoryEstimate, estimate_memory, format_bytes
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 60.0
-SPARE_DELAY_SECONDS = 3.0
+TOO_LARGE_RETRY_SECONDS = 30  # a cluster too small for a model may gain a node meanwhile
 WATCH_SECONDS = 1.0
 IDLE_GRACE_SECONDS = 1.0  # a model idle for less, within its turn, is between a client's requests
 ROOM_POLL_SECONDS = 0.25  # a load waiting for room looks again this often (turns end in time)
@@ -66,7 +63,12 @@ class ModelUnavailable(RuntimeError):
 
 
 class ModelTooLarge(RuntimeError):
-    """The model cannot fit the memory budget: retrying will not help. Safe to show a client."""
+    """The model cannot fit: retrying will not help, unless `retry_after` is set (a cluster
+    may gain a node big enough). Safe to show a client."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ModelBusy(RuntimeError):
@@ -78,14 +80,15 @@ class ModelEntry:
     spec: ModelSpec
     admission: Admission
     state: ModelState = ModelState.UNLOADED
-    client: EngineClient | None = None
+    client: ModelClient | None = None
+    reservation: Reservation | None = None  # its place, memory and threads, while it holds any
     error: str | None = None
     estimate: MemoryEstimate | None = None
     estimated_for: tuple[int, int] | None = None  # (size, mtime) of the file estimated
-    loading: asyncio.Task[EngineClient] | None = None
+    loading: asyncio.Task[ModelClient] | None = None
     unloading: bool = False  # unload with ?wait=true: new requests refused, in-flight finish
     yielding: bool = False  # giving its memory to a waiting model: takes no new requests
-    too_large: bool = False  # needs more than the whole memory budget
+    too_large: bool = False  # needs more memory than any place has
     waiters: int = 0  # callers waiting for this model's worker (a load, or its turn again)
     loaded_at: float = 0.0
     failures: int = 0
@@ -110,18 +113,15 @@ class ModelEntry:
 class Fleet:
     """Owns every model's worker for the life of the server."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
-        self.budget = parse_budget(settings.memory_budget, psutil.virtual_memory().available)
+        self.backend = backend or make_backend(settings)
         self.entries = {
             spec.id: ModelEntry(spec, Admission(spec.n_parallel, spec.queue_limit, self._changed))
             for spec in settings.models
         }
         self._by_name = {name: spec.id for spec in settings.models for name in spec.names}
-        self._lease = ComputeLease(mp.get_context("spawn")) if settings.share_cores else None
         self._memory_lock = asyncio.Lock()
-        self._spare: WorkerProcess | None = None
-        self._spare_timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._change = asyncio.Event()  # set (and replaced) whenever a wait for room may end
         self.closing = False
@@ -133,12 +133,14 @@ class Fleet:
         model_id = self._by_name.get(name)
         return self.entries[model_id] if model_id is not None else None
 
-    def reserved_bytes(self, excluding: ModelEntry | None = None) -> int:
-        return sum(
-            e.estimate.total
-            for e in self.entries.values()
-            if e.holds_memory and e.estimate is not None and e is not excluding
-        )
+    def held(self, entries: list[ModelEntry] | None = None) -> list[Reservation]:
+        """What `entries` (default: every model) hold where they are loaded or loading."""
+        chosen = self.entries.values() if entries is None else entries
+        return [e.reservation for e in chosen if e.holds_memory and e.reservation is not None]
+
+    def memory(self) -> dict:
+        """`/stats` memory: what the backend has and what models reserve of it."""
+        return self.backend.memory(self.held())
 
     # -- life of the server ------------------------------------------------------------------
 
@@ -151,7 +153,8 @@ class Fleet:
         }
 
     async def start(self) -> None:
-        """Check every model's file and size, start the spare worker and TTL reaper, preload."""
+        """Start the backend, check every model's file and size, start the TTL reaper, preload."""
+        await self.backend.start()
         for entry in self.entries.values():
             try:  # a model that fails here is marked failed and logged; the others still serve
                 await self._estimate(entry)
@@ -159,7 +162,6 @@ class Fleet:
                 entry.retry_at, entry.failures = 0.0, 0  # the first request looks again
             except ModelTooLarge:
                 pass
-        self._spare = self._new_worker()
         self._watcher = asyncio.create_task(self._watch())
         for entry in self.entries.values():
             if entry.spec.preload and entry.state is not ModelState.FAILED:
@@ -182,12 +184,8 @@ class Fleet:
         """Stop every worker (server shutdown)."""
         if self._watcher is not None:
             self._watcher.cancel()
-        if self._spare_timer is not None:
-            self._spare_timer.cancel()
-        if self._spare is not None:
-            self._spare.discard()
-            self._spare = None
         await asyncio.gather(*(self._stop_worker(e) for e in self.entries.values()))
+        await self.backend.stop()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -197,7 +195,7 @@ class Fleet:
             raise ModelUnavailable(f"model `{entry.spec.id}` is being unloaded", retry_after=5)
         return entry.admission.enter(places)
 
-    def ready(self, entry: ModelEntry) -> EngineClient | None:
+    def ready(self, entry: ModelEntry) -> ModelClient | None:
         """The model's worker if it takes requests now (the common case: no waiting at all)."""
         client = entry.client
         if client is not None and client.alive and not entry.yielding and not self.closing:
@@ -210,7 +208,7 @@ class Fleet:
         failed = entry.state is ModelState.FAILED and entry.retry_at > time.monotonic()
         return not (entry.too_large or entry.unloading or failed)
 
-    async def engine(self, entry: ModelEntry) -> EngineClient:
+    async def engine(self, entry: ModelEntry) -> ModelClient:
         """A running worker for this model, starting one if needed (shared by all callers).
 
         Waits while the model gives its memory to another and, for room, as long as the caller
@@ -224,8 +222,8 @@ class Fleet:
                     raise RequestCut("the server is shutting down")
                 if (client := self.ready(entry)) is not None:
                     return client
-                if entry.too_large:
-                    raise ModelTooLarge(f"model `{entry.spec.id}` {entry.error}")
+                if entry.too_large and self._still_too_large(entry):
+                    raise self._too_large(f"model `{entry.spec.id}` {entry.error}")
                 if entry.yielding:  # wait for it to be unloaded, then load it again
                     await self._wait_for_change()
                     continue
@@ -259,27 +257,23 @@ class Fleet:
 
     # -- loading and unloading ---------------------------------------------------------------
 
-    async def _load(self, entry: ModelEntry) -> EngineClient:
+    async def _load(self, entry: ModelEntry) -> ModelClient:
         spec = entry.spec
         try:
             async with self._memory_lock:
                 estimate = await self._estimate(entry)
-                await self._make_room(entry, estimate.total)
+                reservation = await self._make_room(entry, estimate.total)
                 entry.estimate, entry.state, entry.error = estimate, ModelState.LOADING, None
-            config = worker_config(spec, self.settings.threads_for(spec), estimate.host_cache)
-            client = EngineClient(config, self._on_worker_exit)
+                entry.reservation = reservation
+            config = worker_config(spec, reservation.threads, estimate.host_cache)
             started = time.perf_counter()
-            spare, self._spare = self._spare, None
-            if spare is None or not spare.process.is_alive():
-                spare = self._new_worker()
-            try:
-                await asyncio.wait_for(client.start(spare), self.settings.load_timeout)
-            except TimeoutError:
-                await client.stop()
-                raise WorkerLoadError("loading took too long") from None
-            finally:
-                self._replenish_spare()
-            log.info("loaded %s in %.2fs", spec.id, time.perf_counter() - started)
+            client = await self._start_client(config, reservation)
+            log.info(
+                "loaded %s on %s in %.2fs",
+                spec.id,
+                reservation.placement.node,
+                time.perf_counter() - started,
+            )
         except WorkerLoadError as exc:
             self._mark_failed(entry, f"failed to load: {exc}")
             raise ModelUnavailable(
@@ -293,30 +287,28 @@ class Fleet:
         self._changed()
         return client
 
-    def _replenish_spare(self) -> None:
-        """Start the next spare a little later: booting it now would take CPU from the model
-        that was just loaded, at the moment its first requests need it most."""
-        if self._spare is None and self._spare_timer is None:
-            self._spare_timer = asyncio.get_running_loop().call_later(
-                SPARE_DELAY_SECONDS, self._start_spare
-            )
-
-    def _start_spare(self) -> None:
-        self._spare_timer = None
-        if self._spare is None:
-            self._spare = self._new_worker()
-
-    def _new_worker(self) -> WorkerProcess:
-        return WorkerProcess(self._lease, self.settings.worker_nice)
+    async def _start_client(self, config: WorkerConfig, reservation: Reservation) -> ModelClient:
+        """A started worker for `config`; one that fails, times out or is given up on is
+        stopped (a Ray actor left behind would hold its node's memory)."""
+        client = self.backend.client(config, reservation, self._on_worker_exit)
+        try:
+            await asyncio.wait_for(client.start(), self.settings.load_timeout)
+        except TimeoutError:
+            await client.stop()
+            raise WorkerLoadError("loading took too long") from None
+        except BaseException:
+            await client.stop()
+            raise
+        return client
 
     async def _estimate(self, entry: ModelEntry) -> MemoryEstimate:
         stat_key = _file_key(entry.spec.path)
         if entry.estimate is not None and stat_key is not None and stat_key == entry.estimated_for:
             return entry.estimate  # the same file as last time: no need to parse it again
         try:
-            header = await asyncio.to_thread(read_header, entry.spec.path)
+            header = await self.backend.read_header(entry.spec.path)
         except FileNotFoundError:
-            self._mark_failed(entry, "model file not found")
+            self._mark_failed(entry, self.backend.missing_file)
         except GGUFError as exc:
             self._mark_failed(entry, f"is not a valid GGUF file: {exc}")
         except OSError as exc:
@@ -324,21 +316,21 @@ class Fleet:
         else:
             estimate = estimate_memory(header, entry.spec)
             entry.estimate, entry.estimated_for = estimate, stat_key
-            if estimate.total > self.budget:
+            if (why := self.backend.too_large(entry.spec, estimate.total)) is not None:
                 entry.too_large = True
                 self._mark_failed(
                     entry,
-                    f"needs {format_bytes(estimate.total)} of memory, more than the whole memory "
-                    f"budget ({format_bytes(self.budget)}): raise memory_budget, or lower its "
+                    f"needs {format_bytes(estimate.total)} of memory, {why}, or lower its "
                     "n_ctx, n_parallel or kv_cache_type",
                 )
-                raise ModelTooLarge(f"model `{entry.spec.id}` {entry.error}")
+                raise self._too_large(f"model `{entry.spec.id}` {entry.error}")
             entry.too_large = False
             return estimate
         raise ModelUnavailable(f"model `{entry.spec.id}` {entry.error}", self._backoff(entry))
 
-    async def _make_room(self, entry: ModelEntry, needed: int) -> None:
-        """Evict or wait until `needed` bytes fit (see the module's docstring for the order)."""
+    async def _make_room(self, entry: ModelEntry, needed: int) -> Reservation:
+        """Evict or wait until `needed` bytes fit somewhere (see the module's docstring for the
+        order); the place they fit."""
         limit = self.settings.max_loaded_models
         giving_way: ModelEntry | None = None
         try:
@@ -348,9 +340,9 @@ class Fleet:
                 if entry.waiters == 0:
                     raise ModelUnavailable(f"nobody waits for model `{entry.spec.id}` any more")
                 holding = [e for e in self.entries.values() if e.holds_memory and e is not entry]
-                free = self.budget - self.reserved_bytes(excluding=entry)
-                if needed <= free and (limit is None or len(holding) < limit):
-                    return
+                place = self.backend.place(entry.spec, needed, self.held(holding))
+                if place is not None and (limit is None or len(holding) < limit):
+                    return place
                 self._check_can_fit(entry, needed, holding)
                 now = time.monotonic()
                 movable = [e for e in holding if e.state is ModelState.LOADED and not e.spec.pinned]
@@ -384,15 +376,25 @@ class Fleet:
     def _check_can_fit(self, entry: ModelEntry, needed: int, holding: list[ModelEntry]) -> None:
         """Raise ModelTooLarge if no eviction can ever make room (pinned models stay)."""
         pinned = [e for e in holding if e.spec.pinned]
-        pinned_bytes = sum(e.estimate.total for e in pinned if e.estimate is not None)
         limit = self.settings.max_loaded_models
-        if needed > self.budget - pinned_bytes or (limit is not None and len(pinned) >= limit):
-            raise ModelTooLarge(
+        if self.backend.place(entry.spec, needed, self.held(pinned)) is None or (
+            limit is not None and len(pinned) >= limit
+        ):
+            raise self._too_large(
                 f"model `{entry.spec.id}` cannot be loaded beside the pinned models "
                 f"({', '.join(e.spec.id for e in pinned)}): it needs {format_bytes(needed)}, "
-                f"{format_bytes(max(0, self.budget - pinned_bytes))} of the memory budget is "
-                "not pinned"
+                "more than is left beside them"
             )
+
+    def _still_too_large(self, entry: ModelEntry) -> bool:
+        """Whether a model found too large still is (a Ray cluster may have gained a node)."""
+        if self.backend.fixed_size or entry.estimate is None:
+            return True
+        entry.too_large = self.backend.too_large(entry.spec, entry.estimate.total) is not None
+        return entry.too_large
+
+    def _too_large(self, message: str) -> ModelTooLarge:
+        return ModelTooLarge(message, None if self.backend.fixed_size else TOO_LARGE_RETRY_SECONDS)
 
     def _turn_over(self, entry: ModelEntry, now: float) -> bool:
         return now - entry.loaded_at >= self.settings.model_turn
@@ -408,6 +410,7 @@ class Fleet:
 
     def _mark_failed(self, entry: ModelEntry, error: str) -> None:
         entry.state, entry.error, entry.client = ModelState.FAILED, error, None
+        entry.reservation = None
         entry.failures += 1
         entry.retry_at = time.monotonic() + min(MAX_BACKOFF_SECONDS, 2.0 ** (entry.failures - 1))
         log.error("model %s %s", entry.spec.id, error)
@@ -435,6 +438,7 @@ class Fleet:
     async def _stop_worker(self, entry: ModelEntry) -> None:
         client = entry.client
         entry.client, entry.state, entry.yielding = None, ModelState.UNLOADED, False
+        entry.reservation = None
         if client is not None:
             await client.stop()
         self._changed()
@@ -467,11 +471,11 @@ class Fleet:
                     log.info("unloading %s after %.0fs idle", entry.spec.id, ttl)
                     await self._stop_worker(entry)
 
-    def _on_worker_exit(self, client: EngineClient) -> None:
+    def _on_worker_exit(self, client: ModelClient) -> None:
         for entry in self.entries.values():
             if entry.client is client:  # not a stop we asked for: those clear entry.client first
                 entry.yielding = False
-                why = "worker exited unexpectedly"
+                why = f"worker exited unexpectedly ({client.exit_reason})"
                 if client.stalled_for is not None:
                     why = f"worker hung (no step for {client.stalled_for:.0f}s) and was killed"
                 self._mark_failed(entry, why)

@@ -1,0 +1,54 @@
+"""Where model workers run: this machine (`local`) or the nodes of a Ray cluster (`ray`).
+
+The fleet decides what is loaded and when; a backend decides where and runs it. Both give the
+fleet the same `ModelClient` for a running model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from multiserve.backends.client import ModelClient, Reservation
+from multiserve.config import ModelSpec, Settings
+from multiserve.engine.protocol import WorkerConfig
+from multiserve.fleet.gguf_header import GGUFHeader
+
+
+class Backend(Protocol):
+    """What the fleet needs from a place to run models."""
+
+    name: str
+    fixed_size: bool  # its room never grows while serving (a Ray cluster's may)
+    missing_file: str  # what a model whose file is not found is told
+
+    async def start(self) -> None:
+        """Get ready to load models (the local spare worker; joining the Ray cluster)."""
+
+    async def stop(self) -> None:
+        """Release what `start` took (models are stopped by the fleet first)."""
+
+    async def read_header(self, path: Path) -> GGUFHeader:
+        """The GGUF header of a model file, read where the model will be loaded."""
+
+    def place(self, spec: ModelSpec, needed: int, held: list[Reservation]) -> Reservation | None:
+        """Room for `spec` (`needed` bytes and its threads) beside what is `held`, or None."""
+
+    def too_large(self, spec: ModelSpec, needed: int) -> str | None:
+        """Why no place could ever hold `spec`, or None if one could."""
+
+    def client(
+        self, config: WorkerConfig, reservation: Reservation, on_exit: Callable[[ModelClient], None]
+    ) -> ModelClient:
+        """A client for a worker to be started as reserved (not started yet)."""
+
+    def memory(self, held: list[Reservation]) -> dict:
+        """`/stats` memory view: capacity and reservations."""
+
+
+def make_backend(settings: Settings) -> Backend:
+    """The backend `settings` ask for."""
+    from multiserve.backends.local import LocalBackend
+
+    return LocalBackend(settings)
