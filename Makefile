@@ -7,7 +7,8 @@ install:
 serve: install
 	.venv/bin/multiserve serve
 
-test: install
+test:
+	@MULTISERVE_EXTRAS=test,cluster bash scripts/install.sh
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/python -m pytest
 
@@ -16,7 +17,7 @@ BENCHMARKS = serving_core fleet peers soak real_traffic embeddings tool_calls ro
              experts_day
 
 bench:
-	@MULTISERVE_EXTRAS=test,bench bash scripts/install.sh
+	@MULTISERVE_EXTRAS=test,bench,cluster bash scripts/install.sh
 	@failed=""; for b in $(BENCHMARKS); do \
 	  .venv/bin/python -m benchmarks.$$b || failed="$$failed $$b"; \
 	done; \

@@ -131,6 +131,7 @@ path = "tiny.gguf"
 n_ctx = 256
 n_parallel = 16
 step_tokens = 64
+threads = 1
 
 [[models]]
 id = "tiny-q8"
@@ -139,6 +140,7 @@ n_ctx = 256
 n_parallel = 4
 step_tokens = 64
 kv_cache_type = "q8_0"
+threads = 1
 
 [[models]]
 id = "tiny-2slots"
@@ -146,6 +148,7 @@ path = "tiny.gguf"
 n_ctx = 8192
 n_parallel = 2
 step_tokens = 64
+threads = 1
 """
 
 

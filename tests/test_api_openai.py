@@ -2,11 +2,15 @@
 
 Random weights make free text gibberish, so exact-output tests force the text: a +100 logit bias
 on one token, or a JSON-schema grammar that admits a single string.
+
+Every test runs twice: with the models in local worker processes, and with the same config on a
+two-node Ray cluster (`--ray`), so both backends answer the same.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -14,12 +18,30 @@ import numpy as np
 import pytest
 from llama_cpp import Llama, LlamaGrammar
 
+from conftest import TINY_CONFIG, RunningServer, run_server
 from multiserve.engine.json_grammar import json_schema_grammar
+from ray_cluster import local_cluster
 from tiny_gguf import BOS_ID, TOKEN_TO_ID
 
 HELLO = TOKEN_TO_ID["\u2581hello"]  # token " hello"
 FORCED = "héllo € wörld 東京 STOP tail"
 FORCE_SCHEMA = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"enum": [FORCED]}}}
+
+
+@pytest.fixture(scope="module", params=["local", "ray"])
+def server(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[RunningServer]:
+    """The shared local server, or the same config served on a two-node Ray cluster."""
+    if request.param == "local":
+        yield server
+        return
+    model_dir = server.log.parent
+    config = model_dir / "ray.toml"
+    config.write_text(TINY_CONFIG)
+    with (
+        local_cluster([2**30, 2**30]) as (cluster, _),
+        run_server(["--config", str(config), "--ray", cluster.address], model_dir) as on_ray,
+    ):
+        yield on_ray
 
 
 def test_chat_completion_answers_with_usage(server) -> None:

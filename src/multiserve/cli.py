@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help=f"bind address (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--threads", type=int, help="compute threads (default: physical cores)")
+    serve.add_argument(
+        "--ray",
+        dest="ray_address",
+        metavar="ADDRESS",
+        help="run the models on this Ray cluster (host:port of its head, or `auto`)",
+    )
     sub.add_parser("models", parents=[models_from], help="list models: size, memory, state")
     route = sub.add_parser(
         "route",
@@ -126,7 +132,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The config file, plus `--model` (or, with no models at all, the embedded default)."""
-    overrides = {k: getattr(args, k, None) for k in ("host", "port", "threads")}
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "threads", "ray_address")}
     settings = load_settings(args.config, overrides)
     model = args.model
     if model is None and settings.models:

@@ -224,6 +224,11 @@ class Settings(BaseModel):
     drain_timeout: float = Field(
         default=10.0, ge=0, description="seconds in-flight requests may finish on SIGTERM/SIGINT"
     )
+    ray_address: str | None = Field(
+        default=None,
+        description="run model workers on this Ray cluster: its head's host:port, or `auto` for "
+        "the cluster this machine joined with `ray start`",
+    )
     models: list[ModelSpec] = Field(default_factory=list)
     router: RouterConfig | None = Field(
         default=None, description='rules that send `"model": "auto"` requests to a model'

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from multiserve.api.formats import Usage
+from multiserve.backends.client import Reservation
 from multiserve.fleet.manager import Fleet
 
 WINDOW = 1024  # latest requests /stats summarises
@@ -196,6 +197,7 @@ class Metrics:
                 "error": entry.error,
                 "loads": entry.loads,
                 "worker_pid": client.pid if client else None,
+                "placement": _placement(entry.reservation),
                 "memory_bytes": {
                     "estimate": entry.estimate.as_dict() if entry.estimate else None,
                     "rss": client.rss_bytes() if client else None,
@@ -232,6 +234,14 @@ class Metrics:
                 },
             }
         return {"models": models}
+
+
+def _placement(reservation: Reservation | None) -> dict | None:
+    """Where a model is loaded or loading: its node (`local` without a cluster) and threads."""
+    if reservation is None:
+        return None
+    place = reservation.placement
+    return {"node": place.node, "node_id": place.node_id, "threads": reservation.threads}
 
 
 class RequestTracker:

@@ -466,6 +466,7 @@ def _model_card(entry: ModelEntry) -> dict:
         "owned_by": "multiserve",
         "state": entry.state.value,
         "aliases": list(entry.spec.aliases),
+        "node": entry.reservation.placement.node if entry.reservation else None,
     }
 
 

@@ -48,7 +48,11 @@ class Backend(Protocol):
 
 
 def make_backend(settings: Settings) -> Backend:
-    """The backend `settings` ask for."""
+    """The local backend, or the Ray one when `ray_address` is set (Ray is imported only then)."""
+    if settings.ray_address is not None:
+        from multiserve.backends.ray_cluster import RayBackend
+
+        return RayBackend(settings)
     from multiserve.backends.local import LocalBackend
 
     return LocalBackend(settings)

@@ -1,0 +1,290 @@
+"""The Ray backend: each model's worker in a Ray actor on a node of a Ray cluster.
+
+Placement is decided here, from the cluster's node list: a model needs its memory estimate and its
+threads free on one node (Ray's `memory` and `CPU` resources, which `ray start --memory
+--num-cpus` set per node); of the nodes with room, the one with the most memory free takes it, so
+models spread and do not share a node's memory bandwidth while another node idles. The actor is
+then created with those resources on that node (hard node affinity), so Ray's own accounting
+refuses to overcommit a node even if our view is stale; an actor Ray cannot place in time counts
+as a failed load. Plain actors, not Ray Serve deployments: the fleet already owns loading,
+eviction and admission, and an actor call costs a fraction of a Serve handle's.
+
+A node whose actor died is avoided for a while, so a model that lost its node loads elsewhere
+even before Ray has noticed the node is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from multiserve.backends.client import ModelClient, Placement, Reservation, WorkerLoadError
+from multiserve.backends.ray_host import HostStatus, ModelHost, WorkerEnded
+from multiserve.config import ModelSpec, Settings
+from multiserve.engine.protocol import Cancel, Embed, Generate, LoadFailed, ModelInfo, WorkerConfig
+from multiserve.fleet.gguf_header import GGUFHeader, read_header
+from multiserve.fleet.memory import format_bytes
+
+log = logging.getLogger(__name__)
+
+RAY_NAMESPACE = "multiserve"
+NODES_REFRESH_SECONDS = 2.0
+PLACEMENT_SECONDS = 30.0  # an actor Ray has not started by then has no room where it was sent
+STOP_SECONDS = 8.0
+SUSPECT_SECONDS = 60.0  # a node whose actor died takes no new model for this long
+# Ray's defaults: no usage reports; and a head on 127.0.0.1 must be joined as such (otherwise
+# `ray.init(address=...)` swaps in this machine's network address and retries for minutes).
+RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """A live node that can run models: its `memory` (bytes) and `CPU` resources."""
+
+    placement: Placement
+    memory: int
+    cpus: int
+
+
+def _awaited(ref: Any) -> Awaitable[Any]:
+    """A Ray object reference as an asyncio future."""
+    return asyncio.wrap_future(ref.future())
+
+
+class RayActorClient(ModelClient):
+    """A model in a `ModelHost` actor on a Ray node."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        reservation: Reservation,
+        on_exit: Callable[[ModelClient], None],
+        backend: RayBackend,
+    ) -> None:
+        super().__init__(config, reservation.placement, on_exit)
+        self._reservation = reservation
+        self._backend = backend
+        self._actor: Any = None
+        self._relay: asyncio.Task[None] | None = None
+        self._rss: int | None = None
+
+    async def start(self) -> ModelInfo:
+        from ray.exceptions import RayError
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = self.placement.node
+        self._actor = self._backend.host_actor.options(
+            num_cpus=self._reservation.threads,
+            memory=self._reservation.memory,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.placement.node_id, soft=False),
+            max_restarts=0,
+            max_task_retries=0,
+        ).remote(self._backend.settings.worker_nice)
+        try:
+            await asyncio.wait_for(_awaited(self._actor.ping.remote()), PLACEMENT_SECONDS)
+            reply = await _awaited(self._actor.load.remote(self.config))
+        except TimeoutError:
+            raise WorkerLoadError(
+                f"Ray did not start it on node {node} within {PLACEMENT_SECONDS:.0f}s (the "
+                "node's memory or CPUs are taken, or the node is gone)"
+            ) from None
+        except RayError as exc:
+            self._backend.suspect(self.placement)
+            raise WorkerLoadError(
+                f"its Ray actor on node {node} failed ({type(exc).__name__})"
+            ) from None
+        if isinstance(reply, LoadFailed):
+            raise WorkerLoadError(reply.message)
+        self.info, self.pid, self.alive = reply.info, reply.pid, True
+        self._relay = asyncio.create_task(self._relay_events())
+        return reply.info
+
+    def _send(self, message: Generate | Embed | Cancel) -> None:
+        self._actor.send.remote(message)
+
+    def kill(self, stalled_for: float) -> None:
+        self.stalled_for = stalled_for
+        if self._actor is not None:
+            self._backend.ray.kill(self._actor, no_restart=True)
+
+    def rss_bytes(self) -> int | None:
+        return self._rss
+
+    async def stop(self) -> None:
+        """Ask the actor to stop its worker, then end the actor (which frees its resources)."""
+        if self._actor is None:
+            return
+        from ray.exceptions import RayError
+
+        if self.alive:
+            with contextlib.suppress(RayError, TimeoutError):
+                await asyncio.wait_for(_awaited(self._actor.stop.remote()), STOP_SECONDS)
+        with contextlib.suppress(RayError):
+            self._backend.ray.kill(self._actor, no_restart=True)
+
+    async def _relay_events(self) -> None:
+        """Hand every step the worker sends to the requests; on its end, fail what is left."""
+        from ray.exceptions import RayError
+
+        why = "its worker exited"
+        try:
+            stream = self._actor.events.options(num_returns="streaming").remote()
+            async for ref in stream:
+                for item in await ref:
+                    if isinstance(item, HostStatus):
+                        self._rss = item.rss
+                    elif isinstance(item, WorkerEnded):
+                        why = f"exit code {item.exitcode} on node {self.placement.node}"
+                    else:
+                        self._dispatch(item)
+        except RayError as exc:
+            why = f"its Ray actor or node {self.placement.node} died ({type(exc).__name__})"
+            if self.alive and self.stalled_for is None:
+                self._backend.suspect(self.placement)
+        self._exited(why)
+
+
+class RayBackend:
+    """Model workers on a Ray cluster's nodes (see the module's docstring)."""
+
+    name = "ray"
+    fixed_size = False
+    missing_file = (
+        "model file not found on the Ray node that looked: every node needs the GGUF file at "
+        "the same path (a shared filesystem, or the same copy on each node)"
+    )
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.address = settings.ray_address
+        self.ray: Any = None
+        self.host_actor: Any = None
+        self._read_header: Any = None
+        self._nodes: list[RayNode] = []
+        self._suspects: dict[str, float] = {}
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Join the cluster (raises ConnectionError with the reason if it cannot)."""
+        for key, value in RAY_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        import ray
+
+        self.ray = ray
+        try:
+            await asyncio.to_thread(
+                ray.init,
+                address=self.address,
+                namespace=RAY_NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConnectionError(f"cannot join the Ray cluster at {self.address}: {exc}") from None
+        self.host_actor = ray.remote(ModelHost)
+        self._read_header = ray.remote(num_cpus=0)(read_header)
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_nodes())
+        log.info(
+            "joined the Ray cluster at %s: %d nodes can run models", self.address, len(self._nodes)
+        )
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if self.ray is not None and self.ray.is_initialized():
+            await asyncio.to_thread(self.ray.shutdown)
+
+    async def read_header(self, path: Path) -> GGUFHeader:
+        """The header, read on a node of the cluster (where the models load, not here)."""
+        from ray.exceptions import RayTaskError
+
+        try:
+            return await _awaited(self._read_header.remote(path))
+        except RayTaskError as exc:
+            raise exc.cause from None
+
+    def place(self, spec: ModelSpec, needed: int, held: list[Reservation]) -> Reservation | None:
+        """The node with the most memory free among those with room for `spec`, or None."""
+        now = time.monotonic()
+        best: tuple[int, Reservation] | None = None
+        for node in self._nodes:
+            if self._suspects.get(node.placement.node_id, 0.0) > now:
+                continue
+            here = [r for r in held if r.placement.node_id == node.placement.node_id]
+            free_memory = node.memory - sum(r.memory for r in here)
+            free_cpus = node.cpus - sum(r.threads for r in here)
+            threads = spec.threads or node.cpus
+            fits = needed <= free_memory and threads <= free_cpus
+            if fits and (best is None or free_memory > best[0]):
+                best = (free_memory, Reservation(node.placement, needed, threads))
+        return best[1] if best is not None else None
+
+    def too_large(self, spec: ModelSpec, needed: int) -> str | None:
+        if any(n.memory >= needed and (spec.threads or 1) <= n.cpus for n in self._nodes):
+            return None
+        if not self._nodes:
+            return "and the Ray cluster has no node with CPUs and memory to run models"
+        largest = max(self._nodes, key=lambda n: n.memory)
+        return (
+            f"more than any Ray node has: the largest offers {format_bytes(largest.memory)} "
+            f"(node {largest.placement.node}); add a larger node"
+        )
+
+    def client(
+        self, config: WorkerConfig, reservation: Reservation, on_exit: Callable[[ModelClient], None]
+    ) -> RayActorClient:
+        return RayActorClient(config, reservation, on_exit, self)
+
+    def memory(self, held: list[Reservation]) -> dict:
+        """`/stats` memory: every node's resources and what models reserve of them."""
+        nodes = []
+        for node in self._nodes:
+            here = [r for r in held if r.placement.node_id == node.placement.node_id]
+            nodes.append(
+                {
+                    "node": node.placement.node,
+                    "node_id": node.placement.node_id,
+                    "memory": node.memory,
+                    "reserved": sum(r.memory for r in here),
+                    "cpus": node.cpus,
+                    "threads_reserved": sum(r.threads for r in here),
+                }
+            )
+        return {
+            "budget": sum(n["memory"] for n in nodes),
+            "reserved": sum(r.memory for r in held),
+            "nodes": nodes,
+        }
+
+    def suspect(self, placement: Placement) -> None:
+        """An actor died there: place nothing new on that node for a while."""
+        self._suspects[placement.node_id] = time.monotonic() + SUSPECT_SECONDS
+
+    async def refresh(self) -> None:
+        """Read the cluster's live nodes that can run a model (CPUs and memory to give)."""
+        nodes = await asyncio.to_thread(self.ray.nodes)
+        self._nodes = [
+            RayNode(
+                Placement(node["NodeID"], f"{node['NodeManagerAddress']}/{node['NodeID'][:8]}"),
+                int(node["Resources"].get("memory", 0)),
+                int(node["Resources"].get("CPU", 0)),
+            )
+            for node in nodes
+            if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
+        ]
+
+    async def _refresh_nodes(self) -> None:
+        while True:
+            await asyncio.sleep(NODES_REFRESH_SECONDS)
+            try:
+                await self.refresh()
+            except Exception:  # keep the last view; the next refresh tries again
+                log.exception("could not read the Ray cluster's nodes")
