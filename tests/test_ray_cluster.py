@@ -45,7 +45,8 @@ def _placements(http: httpx.Client) -> dict[str, str | None]:
     """Each loaded model's node id (None for models not holding memory)."""
     models = http.get("/stats").json()["models"]
     return {
-        model_id: (stats["placement"] or {}).get("node_id") for model_id, stats in models.items()
+        model_id: stats["replicas"][0]["node_id"] if stats["replicas"] else None
+        for model_id, stats in models.items()
     }
 
 
@@ -99,8 +100,9 @@ def test_models_go_to_the_node_they_fit_and_the_least_recent_makes_room(sized) -
         assert placed["big"] is None and placed["small2"] == node_b and placed["small"] == node_a
         cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
         assert cards["small2"]["state"] == "loaded" and cards["big"]["state"] == "unloaded"
-        small2 = http.get("/stats").json()["models"]["small2"]["placement"]
-        assert cards["small2"]["node"] == small2["node"] and cards["big"]["node"] is None
+        small2 = http.get("/stats").json()["models"]["small2"]["replicas"]
+        assert cards["small2"]["replicas"] == [{"node": small2[0]["node"], "state": "loaded"}]
+        assert cards["big"]["replicas"] == []
 
 
 def test_a_model_too_large_for_every_node_is_refused_naming_the_largest(sized) -> None:
@@ -166,3 +168,78 @@ def test_a_node_killed_mid_stream_fails_the_stream_and_the_model_moves(two_nodes
         _wait_for(lambda: _complete(http, "first").status_code == 200)
         survivor = next(node.node_id for node in nodes if node is not doomed)
         assert _placements(http) == {"first": survivor, "second": survivor}
+
+
+@pytest.fixture(scope="module")
+def replicated(model_file: Path) -> Iterator[tuple[RunningServer, object, list]]:
+    """`hot` with two replicas, one on each of two nodes."""
+    config = model_file.parent / "replicated.toml"
+    config.write_text(_model("hot", {"n_ctx": 1024, "n_parallel": 4, "replicas": 2}))
+    with (
+        local_cluster([GiB, GiB]) as (cluster, nodes),
+        run_server(["--config", str(config), "--ray", cluster.address], config.parent) as srv,
+    ):
+        yield srv, cluster, nodes
+
+
+def _replicas(http: httpx.Client) -> list[dict]:
+    return http.get("/stats").json()["models"]["hot"]["replicas"]
+
+
+def test_replicas_share_conversations_and_each_returns_to_its_cache(replicated) -> None:
+    server, _, nodes = replicated
+    with server.http() as http:
+        # three conversations, so taking turns alone would send a later turn elsewhere
+        prompts = [f"conversation {i} opens with a question about topic {i}: " for i in range(3)]
+        cached = []
+        for turn in range(3):
+            for i, prompt in enumerate(prompts):
+                reply = _complete(http, "hot", prompt=prompt, max_tokens=4)
+                assert reply.status_code == 200, reply.text
+                body = reply.json()
+                if turn:
+                    cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+                prompts[i] = f"{prompt}{body['choices'][0]['text']} and then, turn {turn}: "
+        replicas = _replicas(http)
+    assert {r["node_id"] for r in replicas} == {node.node_id for node in nodes}
+    assert sorted(r["requests"] for r in replicas) == [3, 6]  # one conversation, and two
+    assert all(tokens > 0 for tokens in cached), cached  # every later turn found its prefix
+
+
+def test_a_lost_replica_fails_only_its_requests_and_the_other_serves(replicated) -> None:
+    server, cluster, nodes = replicated
+    with server.http() as http:
+        assert _complete(http, "hot").status_code == 200
+        first, second = _replicas(http)
+        streams = [
+            server.openai.completions.create(
+                model="hot",
+                prompt=f"stream {i} reads a long enough prompt to be its own",
+                max_tokens=900,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            for i in range(2)
+        ]
+        chunks = [iter(stream) for stream in streams]
+        for stream in chunks:
+            next(stream)
+        by_node = {r["node_id"]: r["in_flight"] for r in _replicas(http)}
+        assert by_node == {first["node_id"]: 1, second["node_id"]: 1}  # one on each
+        cluster.remove_node(next(n for n in nodes if n.node_id == first["node_id"]), False)
+
+        ended = []
+        for stream in chunks:
+            try:
+                for _ in stream:
+                    pass
+                ended.append("complete")
+            except openai.APIError as exc:
+                assert "stopped unexpectedly" in str(exc)
+                ended.append("failed")
+        assert sorted(ended) == ["complete", "failed"]
+        assert http.get("/v1/models/hot").json()["state"] == "loaded"
+        states = {r["node_id"]: r["state"] for r in _replicas(http)}
+        assert states == {first["node_id"]: "failed", second["node_id"]: "loaded"}
+        for _ in range(3):  # every new request goes to the replica left
+            assert _complete(http, "hot").status_code == 200

@@ -81,6 +81,9 @@ class ModelSpec(BaseModel):
         default=256, ge=16, le=8192, description="token budget of one batched decode step"
     )
     threads: int | None = Field(default=None, ge=1, le=1024)
+    replicas: int = Field(
+        default=1, ge=1, le=64, description="copies on distinct Ray nodes (needs ray_address)"
+    )
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
     flash_attn: bool = Field(
         default=True, description="llama.cpp's flash attention (skips other slots' cells)"
@@ -246,6 +249,16 @@ class Settings(BaseModel):
         if self.share_cores and len(self.models) >= MAX_WAITERS:  # every worker and the spare
             raise ValueError(
                 f"at most {MAX_WAITERS - 1} models with share_cores = true (got {len(self.models)})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_need_a_cluster(self) -> Settings:
+        replicated = [spec.id for spec in self.models if spec.replicas > 1]
+        if replicated and self.ray_address is None:
+            raise ValueError(
+                f"replicas > 1 ({', '.join(replicated)}) needs a Ray cluster: set ray_address "
+                "or pass --ray (one machine runs one copy of each model)"
             )
         return self
 

@@ -15,7 +15,7 @@ from multiserve.api.generation import (
     WORKER_GONE_MESSAGE,
     shutting_down,
 )
-from multiserve.backends.client import ModelClient, RequestCut, RequestStream, WorkerGone
+from multiserve.backends.client import RequestCut, RequestStream, RunningModel, WorkerGone
 from multiserve.engine.protocol import Embed, Embedded, Rejected
 from multiserve.fleet.admission import Ticket
 
@@ -31,7 +31,7 @@ class EmbeddingFailed(Exception):
         self.error = error
 
 
-def open_embedding(engine: ModelClient, request: Embed) -> RequestStream:
+def open_embedding(engine: RunningModel, request: Embed) -> RequestStream:
     """The request, opened on its worker; called before anything is awaited after the worker
     was got, so the worker cannot be stopped in between (see routes._engine)."""
     try:

@@ -22,7 +22,7 @@ from multiserve.api.errors import APIError, error_body
 from multiserve.api.formats import ChoiceResult, Usage, WireFormat
 from multiserve.api.metrics import RequestTracker
 from multiserve.api.request_group import RequestGroup
-from multiserve.backends.client import ModelClient, RequestCut, WorkerGone
+from multiserve.backends.client import RequestCut, RunningModel, WorkerGone
 from multiserve.engine.protocol import ChoiceDelta, Generate, Rejected
 from multiserve.fleet.admission import Ticket
 
@@ -97,7 +97,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 async def generate(
     http_request: Request,
-    engine: ModelClient,
+    engine: RunningModel,
     requests: list[Generate],
     fmt: WireFormat,
     tracker: RequestTracker,

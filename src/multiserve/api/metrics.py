@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from multiserve.api.formats import Usage
-from multiserve.backends.client import Reservation
-from multiserve.fleet.manager import Fleet
+from multiserve.backends.client import ReplicaView
+from multiserve.fleet.manager import Fleet, ModelEntry
 
 WINDOW = 1024  # latest requests /stats summarises
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -132,6 +132,19 @@ class Metrics:
             label,
             registry=reg,
         )
+        per_replica = [*label, "replica", "node"]
+        self.replica_in_flight = Gauge(
+            "multiserve:replica_requests_in_flight",
+            "Requests on each replica of a loaded model (one replica without --ray replicas).",
+            per_replica,
+            registry=reg,
+        )
+        self.replica_up = Gauge(
+            "multiserve:replica_up",
+            "1 for a replica serving, 0 for one that failed (its worker or node died).",
+            per_replica,
+            registry=reg,
+        )
         self.route_decisions = Counter(
             "multiserve:router_decisions",
             'Requests for model "auto" admitted, by the rule that routed them and the model.',
@@ -181,6 +194,13 @@ class Metrics:
             client = entry.client
             self.running.labels(model_id).set(client.running if client else 0)
             self.waiting.labels(model_id).set(client.waiting if client else 0)
+        self.replica_in_flight.clear()  # replicas come and go with loads: show only today's
+        self.replica_up.clear()
+        for model_id, entry in self.fleet.entries.items():
+            for index, view in enumerate(entry.client.replicas() if entry.client else []):
+                labels = (model_id, str(index), view.placement.node)
+                self.replica_in_flight.labels(*labels).set(view.in_flight)
+                self.replica_up.labels(*labels).set(1 if view.state == "loaded" else 0)
 
     def prometheus(self) -> bytes:
         self._refresh_gauges()
@@ -197,7 +217,7 @@ class Metrics:
                 "error": entry.error,
                 "loads": entry.loads,
                 "worker_pid": client.pid if client else None,
-                "placement": _placement(entry.reservation),
+                "replicas": replicas(entry),
                 "memory_bytes": {
                     "estimate": entry.estimate.as_dict() if entry.estimate else None,
                     "rss": client.rss_bytes() if client else None,
@@ -236,12 +256,26 @@ class Metrics:
         return {"models": models}
 
 
-def _placement(reservation: Reservation | None) -> dict | None:
-    """Where a model is loaded or loading: its node (`local` without a cluster) and threads."""
-    if reservation is None:
-        return None
-    place = reservation.placement
-    return {"node": place.node, "node_id": place.node_id, "threads": reservation.threads}
+def replicas(entry: ModelEntry) -> list[dict]:
+    """Where a model is loaded, or is loading (its places reserved, no worker answering yet)."""
+    if entry.client is not None:
+        views = entry.client.replicas()
+    elif entry.reservation is not None and entry.holds_memory:
+        views = [ReplicaView(p, "loading", 0, None, 0) for p in entry.reservation.placements]
+    else:
+        views = []
+    return [_replica(view) for view in views]
+
+
+def _replica(view: ReplicaView) -> dict:
+    return {
+        "node": view.placement.node,
+        "node_id": view.placement.node_id,
+        "state": view.state,
+        "in_flight": view.in_flight,
+        "requests": view.requests,
+        "worker_pid": view.pid,
+    }
 
 
 class RequestTracker:

@@ -11,14 +11,14 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
-from multiserve.backends.client import ModelClient, RequestStream
+from multiserve.backends.client import RequestStream, RunningModel
 from multiserve.engine.protocol import Accepted, ChoiceDelta, Event, Generate, Rejected
 
 
 class RequestGroup:
     """The streams of one API request; `close` cancels whatever is still running."""
 
-    def __init__(self, engine: ModelClient, requests: list[Generate]) -> None:
+    def __init__(self, engine: RunningModel, requests: list[Generate]) -> None:
         self.streams: list[RequestStream] = []
         try:
             for request in requests:

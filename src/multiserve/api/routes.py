@@ -30,7 +30,7 @@ from multiserve.api.generation import (
     shutting_down,
     unless_disconnected,
 )
-from multiserve.api.metrics import Metrics
+from multiserve.api.metrics import Metrics, replicas
 from multiserve.api.openapi import EVENT_STREAM, error_responses
 from multiserve.api.rate_limit import RateLimiter, client_identity, retry_after_header
 from multiserve.api.schemas import (
@@ -40,7 +40,7 @@ from multiserve.api.schemas import (
     SamplingRequest,
 )
 from multiserve.api.security import API_KEY_SCOPE
-from multiserve.backends.client import ModelClient, RequestCut
+from multiserve.backends.client import RequestCut, RunningModel
 from multiserve.config import Settings
 from multiserve.engine.protocol import (
     Embed,
@@ -272,7 +272,7 @@ def _place(state: ServerState, entry: ModelEntry, places: int) -> Ticket:
 
 async def _engine(
     state: ServerState, request: Request, entry: ModelEntry, ticket: Ticket, deadline: float
-) -> ModelClient:
+) -> RunningModel:
     """The model's worker; waiting for a load or for room counts against the request's queue
     timeout, and a client gone meanwhile stops waiting (a load nobody waits for stops too).
 
@@ -406,7 +406,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         message, param, code = problem
         raise APIError(400, message, param=param, code=code)
 
-    def build(entry: ModelEntry, engine: ModelClient, name: str) -> Built:
+    def build(entry: ModelEntry, engine: RunningModel, name: str) -> Built:
         info = engine.info
         template = resolve_template(
             info.chat_template,
@@ -452,7 +452,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         TextPrompt.completion(p) if isinstance(p, str) else TokenPrompt(p) for p in body.prompts
     ]
 
-    def build(entry: ModelEntry, engine: ModelClient, name: str) -> Built:
+    def build(entry: ModelEntry, engine: RunningModel, name: str) -> Built:
         return Built(prompts, True, TextFormat(name, want_logprobs=body.logprobs is not None))
 
     return await _complete(request, body, len(prompts), build, lambda: completion_route(body))
@@ -466,7 +466,7 @@ def _model_card(entry: ModelEntry) -> dict:
         "owned_by": "multiserve",
         "state": entry.state.value,
         "aliases": list(entry.spec.aliases),
-        "node": entry.reservation.placement.node if entry.reservation else None,
+        "replicas": [{"node": view["node"], "state": view["state"]} for view in replicas(entry)],
     }
 
 

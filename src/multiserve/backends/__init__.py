@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from multiserve.backends.client import ModelClient, Reservation
+from multiserve.backends.client import Reservation, RunningModel
 from multiserve.config import ModelSpec, Settings
 from multiserve.engine.protocol import WorkerConfig
 from multiserve.fleet.gguf_header import GGUFHeader
@@ -39,9 +39,12 @@ class Backend(Protocol):
         """Why no place could ever hold `spec`, or None if one could."""
 
     def client(
-        self, config: WorkerConfig, reservation: Reservation, on_exit: Callable[[ModelClient], None]
-    ) -> ModelClient:
-        """A client for a worker to be started as reserved (not started yet)."""
+        self,
+        config: WorkerConfig,
+        reservation: Reservation,
+        on_exit: Callable[[RunningModel], None],
+    ) -> RunningModel:
+        """A client for the model's workers, to be started as reserved (not started yet)."""
 
     def memory(self, held: list[Reservation]) -> dict:
         """`/stats` memory view: capacity and reservations."""

@@ -13,6 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from multiserve.engine.protocol import (
     CacheUsage,
@@ -40,11 +41,48 @@ class Placement:
 
 @dataclass(frozen=True)
 class Reservation:
-    """What a loaded or loading model holds at its place: memory (its estimate) and threads."""
+    """What a loaded or loading model holds: memory (its estimate) and threads at each of its
+    places, one per replica, on distinct nodes."""
 
-    placement: Placement
+    placements: tuple[Placement, ...]
     memory: int
     threads: int
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """One replica of a running model, for /stats, /v1/models and /metrics."""
+
+    placement: Placement
+    state: str  # "loading", "loaded", or "failed" (its worker or node died)
+    in_flight: int
+    pid: int | None
+    requests: int  # routed to it since it started
+
+
+class RunningModel(Protocol):
+    """What the fleet and the API use of a running model: one worker (`ModelClient`) or
+    several replicas of it behind one router (`ReplicaSet`)."""
+
+    info: ModelInfo | None
+    pid: int | None
+    running: int
+    waiting: int
+    host_cache: CacheUsage
+    alive: bool
+    stalled_for: float | None
+    exit_reason: str | None
+
+    async def start(self) -> ModelInfo: ...
+    def open(self, request: Generate | Embed) -> RequestStream: ...
+    def cut_all(self) -> None: ...
+    @property
+    def in_flight(self) -> int: ...
+    def stalled(self, timeout: float) -> float | None: ...
+    def kill(self, stalled_for: float) -> None: ...
+    def rss_bytes(self) -> int | None: ...
+    async def stop(self) -> None: ...
+    def replicas(self) -> list[ReplicaView]: ...
 
 
 class WorkerLoadError(RuntimeError):
@@ -127,6 +165,7 @@ class ModelClient(ABC):
         self._progress = time.monotonic()  # the last step, or when work came to an idle worker
         self._on_exit = on_exit
         self._streams: dict[str, RequestStream] = {}
+        self.requests = 0  # opened since it started
 
     # -- what a backend provides -------------------------------------------------------------
 
@@ -162,6 +201,7 @@ class ModelClient(ABC):
             self._progress = time.monotonic()  # an idle worker's silence was not a stall
         stream = RequestStream(self, request)
         self._streams[request.request_id] = stream
+        self.requests += 1
         self._send(request)
         return stream
 
@@ -180,6 +220,10 @@ class ModelClient(ABC):
         """Seconds without a step while it has requests, if more than `timeout`."""
         silent = time.monotonic() - self._progress
         return silent if self._streams and silent > timeout else None
+
+    def replicas(self) -> list[ReplicaView]:
+        state = "loaded" if self.alive else ("loading" if self.exit_reason is None else "failed")
+        return [ReplicaView(self.placement, state, self.in_flight, self.pid, self.requests)]
 
     # -- called by subclasses on the event loop ----------------------------------------------
 

@@ -118,7 +118,7 @@ class LocalBackend:
         are not reserved: busy models take turns on the cores)."""
         if needed > self.budget - sum(r.memory for r in held):
             return None
-        return Reservation(THIS_MACHINE, needed, self.settings.threads_for(spec))
+        return Reservation((THIS_MACHINE,), needed, self.settings.threads_for(spec))
 
     def too_large(self, spec: ModelSpec, needed: int) -> str | None:
         if needed <= self.budget:

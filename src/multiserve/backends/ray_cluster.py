@@ -25,8 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from multiserve.backends.client import ModelClient, Placement, Reservation, WorkerLoadError
-from multiserve.backends.ray_host import HostStatus, ModelHost, WorkerEnded
+from multiserve.backends.client import (
+    ModelClient,
+    Placement,
+    Reservation,
+    RunningModel,
+    WorkerLoadError,
+)
+from multiserve.backends.ray_host import HostStatus, ModelHost, WorkerEnded, shift_deadline
+from multiserve.backends.replicas import ReplicaSet
 from multiserve.config import ModelSpec, Settings
 from multiserve.engine.protocol import Cancel, Embed, Generate, LoadFailed, ModelInfo, WorkerConfig
 from multiserve.fleet.gguf_header import GGUFHeader, read_header
@@ -64,11 +71,12 @@ class RayActorClient(ModelClient):
     def __init__(
         self,
         config: WorkerConfig,
+        placement: Placement,
         reservation: Reservation,
         on_exit: Callable[[ModelClient], None],
         backend: RayBackend,
     ) -> None:
-        super().__init__(config, reservation.placement, on_exit)
+        super().__init__(config, placement, on_exit)
         self._reservation = reservation
         self._backend = backend
         self._actor: Any = None
@@ -107,7 +115,7 @@ class RayActorClient(ModelClient):
         return reply.info
 
     def _send(self, message: Generate | Embed | Cancel) -> None:
-        self._actor.send.remote(message)
+        self._actor.send.remote(shift_deadline(message, -time.monotonic()))
 
     def kill(self, stalled_for: float) -> None:
         self.stalled_for = stalled_for
@@ -212,26 +220,33 @@ class RayBackend:
             raise exc.cause from None
 
     def place(self, spec: ModelSpec, needed: int, held: list[Reservation]) -> Reservation | None:
-        """The node with the most memory free among those with room for `spec`, or None."""
+        """`spec.replicas` nodes with room for `needed` bytes and the model's threads, those
+        with the most memory free first; None if not enough nodes have room."""
         now = time.monotonic()
-        best: tuple[int, Reservation] | None = None
+        free = []
         for node in self._nodes:
             if self._suspects.get(node.placement.node_id, 0.0) > now:
                 continue
-            here = [r for r in held if r.placement.node_id == node.placement.node_id]
-            free_memory = node.memory - sum(r.memory for r in here)
-            free_cpus = node.cpus - sum(r.threads for r in here)
-            threads = spec.threads or node.cpus
-            fits = needed <= free_memory and threads <= free_cpus
-            if fits and (best is None or free_memory > best[0]):
-                best = (free_memory, Reservation(node.placement, needed, threads))
-        return best[1] if best is not None else None
+            memory, cpus = self._free(node, held)
+            if needed <= memory and (spec.threads or node.cpus) <= cpus:
+                free.append((memory, node))
+        if len(free) < spec.replicas:
+            return None
+        chosen = [node for _, node in sorted(free, key=lambda f: -f[0])[: spec.replicas]]
+        threads = spec.threads or min(node.cpus for node in chosen)
+        return Reservation(tuple(node.placement for node in chosen), needed, threads)
 
     def too_large(self, spec: ModelSpec, needed: int) -> str | None:
-        if any(n.memory >= needed and (spec.threads or 1) <= n.cpus for n in self._nodes):
+        able = [n for n in self._nodes if n.memory >= needed and (spec.threads or 1) <= n.cpus]
+        if len(able) >= spec.replicas:
             return None
         if not self._nodes:
             return "and the Ray cluster has no node with CPUs and memory to run models"
+        if able:
+            return (
+                f"on {spec.replicas} nodes (replicas), and only {len(able)} Ray nodes have that "
+                "much memory; add nodes or lower replicas"
+            )
         largest = max(self._nodes, key=lambda n: n.memory)
         return (
             f"more than any Ray node has: the largest offers {format_bytes(largest.memory)} "
@@ -239,30 +254,51 @@ class RayBackend:
         )
 
     def client(
-        self, config: WorkerConfig, reservation: Reservation, on_exit: Callable[[ModelClient], None]
-    ) -> RayActorClient:
-        return RayActorClient(config, reservation, on_exit, self)
+        self,
+        config: WorkerConfig,
+        reservation: Reservation,
+        on_exit: Callable[[RunningModel], None],
+    ) -> RunningModel:
+        """One actor per place reserved; several behind a router when the model has replicas."""
+
+        def build(member_exit: Callable[[ModelClient], None]) -> list[ModelClient]:
+            return [
+                RayActorClient(config, place, reservation, member_exit, self)
+                for place in reservation.placements
+            ]
+
+        if len(reservation.placements) == 1:
+            return build(on_exit)[0]
+        return ReplicaSet(build, on_exit)
 
     def memory(self, held: list[Reservation]) -> dict:
         """`/stats` memory: every node's resources and what models reserve of them."""
         nodes = []
         for node in self._nodes:
-            here = [r for r in held if r.placement.node_id == node.placement.node_id]
+            memory, cpus = self._free(node, held)
             nodes.append(
                 {
                     "node": node.placement.node,
                     "node_id": node.placement.node_id,
                     "memory": node.memory,
-                    "reserved": sum(r.memory for r in here),
+                    "reserved": node.memory - memory,
                     "cpus": node.cpus,
-                    "threads_reserved": sum(r.threads for r in here),
+                    "threads_reserved": node.cpus - cpus,
                 }
             )
         return {
             "budget": sum(n["memory"] for n in nodes),
-            "reserved": sum(r.memory for r in held),
+            "reserved": sum(r.memory * len(r.placements) for r in held),
             "nodes": nodes,
         }
+
+    @staticmethod
+    def _free(node: RayNode, held: list[Reservation]) -> tuple[int, int]:
+        """Memory and CPUs of `node` that `held` leaves free."""
+        here = [
+            r for r in held for place in r.placements if place.node_id == node.placement.node_id
+        ]
+        return node.memory - sum(r.memory for r in here), node.cpus - sum(r.threads for r in here)
 
     def suspect(self, placement: Placement) -> None:
         """An actor died there: place nothing new on that node for a while."""

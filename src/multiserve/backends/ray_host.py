@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import time
@@ -42,6 +43,16 @@ class WorkerEnded:
 
 def node_name() -> str:
     return socket.gethostname()
+
+
+def shift_deadline(message: object, by: float) -> object:
+    """`message` with its queue deadline moved by `by` seconds. Deadlines are monotonic-clock
+    times, which mean nothing on another machine: the API process sends the time left
+    (`by=-now`), the node turns it back into a deadline on its own clock (`by=+now`)."""
+    deadline = getattr(message, "queue_deadline", None)
+    if deadline is None:
+        return message
+    return dataclasses.replace(message, queue_deadline=deadline + by)
 
 
 class ModelHost:
@@ -78,7 +89,7 @@ class ModelHost:
     def send(self, message: object) -> None:
         """A request, cancel or shutdown for the worker (in the order the API process sent)."""
         if self._worker is not None:
-            self._worker.send(message)
+            self._worker.send(shift_deadline(message, time.monotonic()))
 
     async def events(self) -> AsyncIterator[list[StepOutput | HostStatus | WorkerEnded]]:
         """Every message the worker sends, in batches, and its memory now and then; ends with

@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from multiserve.backends import Backend, make_backend
-from multiserve.backends.client import ModelClient, RequestCut, Reservation, WorkerLoadError
+from multiserve.backends.client import RequestCut, Reservation, RunningModel, WorkerLoadError
 from multiserve.config import ModelSpec, Settings
 from multiserve.engine.protocol import WorkerConfig
 from multiserve.fleet.admission import Admission, Ticket
@@ -80,12 +80,12 @@ class ModelEntry:
     spec: ModelSpec
     admission: Admission
     state: ModelState = ModelState.UNLOADED
-    client: ModelClient | None = None
+    client: RunningModel | None = None
     reservation: Reservation | None = None  # its place, memory and threads, while it holds any
     error: str | None = None
     estimate: MemoryEstimate | None = None
     estimated_for: tuple[int, int] | None = None  # (size, mtime) of the file estimated
-    loading: asyncio.Task[ModelClient] | None = None
+    loading: asyncio.Task[RunningModel] | None = None
     unloading: bool = False  # unload with ?wait=true: new requests refused, in-flight finish
     yielding: bool = False  # giving its memory to a waiting model: takes no new requests
     too_large: bool = False  # needs more memory than any place has
@@ -195,7 +195,7 @@ class Fleet:
             raise ModelUnavailable(f"model `{entry.spec.id}` is being unloaded", retry_after=5)
         return entry.admission.enter(places)
 
-    def ready(self, entry: ModelEntry) -> ModelClient | None:
+    def ready(self, entry: ModelEntry) -> RunningModel | None:
         """The model's worker if it takes requests now (the common case: no waiting at all)."""
         client = entry.client
         if client is not None and client.alive and not entry.yielding and not self.closing:
@@ -208,7 +208,7 @@ class Fleet:
         failed = entry.state is ModelState.FAILED and entry.retry_at > time.monotonic()
         return not (entry.too_large or entry.unloading or failed)
 
-    async def engine(self, entry: ModelEntry) -> ModelClient:
+    async def engine(self, entry: ModelEntry) -> RunningModel:
         """A running worker for this model, starting one if needed (shared by all callers).
 
         Waits while the model gives its memory to another and, for room, as long as the caller
@@ -257,7 +257,7 @@ class Fleet:
 
     # -- loading and unloading ---------------------------------------------------------------
 
-    async def _load(self, entry: ModelEntry) -> ModelClient:
+    async def _load(self, entry: ModelEntry) -> RunningModel:
         spec = entry.spec
         try:
             async with self._memory_lock:
@@ -271,7 +271,7 @@ class Fleet:
             log.info(
                 "loaded %s on %s in %.2fs",
                 spec.id,
-                reservation.placement.node,
+                ", ".join(place.node for place in reservation.placements),
                 time.perf_counter() - started,
             )
         except WorkerLoadError as exc:
@@ -287,7 +287,7 @@ class Fleet:
         self._changed()
         return client
 
-    async def _start_client(self, config: WorkerConfig, reservation: Reservation) -> ModelClient:
+    async def _start_client(self, config: WorkerConfig, reservation: Reservation) -> RunningModel:
         """A started worker for `config`; one that fails, times out or is given up on is
         stopped (a Ray actor left behind would hold its node's memory)."""
         client = self.backend.client(config, reservation, self._on_worker_exit)
@@ -471,7 +471,7 @@ class Fleet:
                     log.info("unloading %s after %.0fs idle", entry.spec.id, ttl)
                     await self._stop_worker(entry)
 
-    def _on_worker_exit(self, client: ModelClient) -> None:
+    def _on_worker_exit(self, client: RunningModel) -> None:
         for entry in self.entries.values():
             if entry.client is client:  # not a stop we asked for: those clear entry.client first
                 entry.yielding = False
