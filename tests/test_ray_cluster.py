@@ -5,6 +5,9 @@ missing on the nodes, and a node killed in the middle of a stream."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +207,23 @@ def test_replicas_share_conversations_and_each_returns_to_its_cache(replicated) 
     assert {r["node_id"] for r in replicas} == {node.node_id for node in nodes}
     assert sorted(r["requests"] for r in replicas) == [3, 6]  # one conversation, and two
     assert all(tokens > 0 for tokens in cached), cached  # every later turn found its prefix
+
+
+def test_models_command_lists_each_replica_on_its_node(replicated) -> None:
+    server, cluster, _ = replicated
+    with server.http() as http:
+        assert _complete(http, "hot").status_code == 200
+        nodes = {r["node"] for r in _replicas(http)}
+    listing = subprocess.run(
+        [sys.executable, "-m", "multiserve", "models", "--ray", cluster.address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert listing.returncode == 0, listing.stderr
+    rows = [line for line in listing.stdout.splitlines() if " hot " in line]
+    assert len(rows) == 2 and {n for n in nodes for row in rows if n in row} == nodes
 
 
 def test_a_lost_replica_fails_only_its_requests_and_the_other_serves(replicated) -> None:

@@ -43,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="run the models on this Ray cluster (host:port of its head, or `auto`)",
     )
-    sub.add_parser("models", parents=[models_from], help="list models: size, memory, state")
+    models = sub.add_parser(
+        "models", parents=[models_from], help="list models: size, memory, state"
+    )
+    models.add_argument(
+        "--ray",
+        dest="ray_address",
+        metavar="ADDRESS",
+        help="instead: list the Ray cluster's nodes and where its models run",
+    )
     route = sub.add_parser(
         "route",
         help='print where `"model": "auto"` would send a message, without a server',
@@ -205,8 +213,36 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_models(address: str) -> int:
+    """Print a Ray cluster's nodes and the models running on them; 1 if it cannot be joined."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from multiserve.backends.ray_cluster import join_cluster, live_nodes, model_hosts
+    from multiserve.fleet.memory import format_bytes
+
+    try:
+        ray = join_cluster(address)
+    except ConnectionError as exc:
+        print(f"multiserve: {exc}", file=sys.stderr)
+        return 1
+    nodes = Table("node", "memory", "CPUs", title="nodes that can run models")
+    for node in live_nodes(ray):
+        nodes.add_row(node.placement.node, format_bytes(node.memory), str(node.cpus))
+    models = Table("model", "node", "worker pid", "resident memory", "placed by")
+    for host in sorted(model_hosts(ray), key=lambda h: (h.model_id or "", h.node)):
+        rss = format_bytes(host.rss) if host.rss is not None else "-"
+        pid = str(host.worker_pid) if host.worker_pid is not None else "-"
+        models.add_row(host.model_id or "(loading)", host.node, pid, rss, host.owner)
+    Console().print(nodes)
+    Console().print(models)
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     """Print each model's size, memory estimate and whether it can load; 1 if one cannot."""
+    if args.ray_address is not None:
+        return _cluster_models(args.ray_address)
     import psutil
     from rich.console import Console
     from rich.table import Table

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,14 @@ from multiserve.backends.client import (
     RunningModel,
     WorkerLoadError,
 )
-from multiserve.backends.ray_host import HostStatus, ModelHost, WorkerEnded, shift_deadline
+from multiserve.backends.ray_host import (
+    HostInfo,
+    HostStatus,
+    ModelHost,
+    WorkerEnded,
+    node_label,
+    shift_deadline,
+)
 from multiserve.backends.replicas import ReplicaSet
 from multiserve.config import ModelSpec, Settings
 from multiserve.engine.protocol import Cancel, Embed, Generate, LoadFailed, ModelInfo, WorkerConfig
@@ -42,6 +51,7 @@ from multiserve.fleet.memory import format_bytes
 log = logging.getLogger(__name__)
 
 RAY_NAMESPACE = "multiserve"
+ACTOR_PREFIX = "model-host-"
 NODES_REFRESH_SECONDS = 2.0
 PLACEMENT_SECONDS = 30.0  # an actor Ray has not started by then has no room where it was sent
 STOP_SECONDS = 8.0
@@ -58,6 +68,51 @@ class RayNode:
     placement: Placement
     memory: int
     cpus: int
+
+
+def join_cluster(address: str) -> Any:
+    """Connect this process to the Ray cluster at `address` (blocking); the `ray` module.
+    Raises ConnectionError saying why it could not."""
+    for key, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    try:
+        ray.init(
+            address=address,
+            namespace=RAY_NAMESPACE,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConnectionError(f"cannot join the Ray cluster at {address}: {exc}") from None
+    return ray
+
+
+def live_nodes(ray: Any) -> list[RayNode]:
+    """The cluster's live nodes that can run a model (CPUs and memory to give)."""
+    return [
+        RayNode(
+            Placement(node["NodeID"], node_label(node["NodeManagerAddress"], node["NodeID"])),
+            int(node["Resources"].get("memory", 0)),
+            int(node["Resources"].get("CPU", 0)),
+        )
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
+    ]
+
+
+def model_hosts(ray: Any, timeout: float = 5.0) -> list[HostInfo]:
+    """Every model actor in the cluster, as each describes itself (those that answer)."""
+    hosts = []
+    for name in ray.util.list_named_actors():
+        if not name.startswith(ACTOR_PREFIX):
+            continue
+        try:
+            hosts.append(ray.get(ray.get_actor(name).describe.remote(), timeout=timeout))
+        except (ValueError, ray.exceptions.RayError):
+            continue  # gone meanwhile, or not answering
+    return hosts
 
 
 def _awaited(ref: Any) -> Awaitable[Any]:
@@ -94,7 +149,8 @@ class RayActorClient(ModelClient):
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.placement.node_id, soft=False),
             max_restarts=0,
             max_task_retries=0,
-        ).remote(self._backend.settings.worker_nice)
+            name=f"{ACTOR_PREFIX}{uuid.uuid4().hex}",  # found by `multiserve models --ray`
+        ).remote(self._backend.settings.worker_nice, self._backend.owner)
         try:
             await asyncio.wait_for(_awaited(self._actor.ping.remote()), PLACEMENT_SECONDS)
             reply = await _awaited(self._actor.load.remote(self.config))
@@ -172,6 +228,7 @@ class RayBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.address = settings.ray_address
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.ray: Any = None
         self.host_actor: Any = None
         self._read_header: Any = None
@@ -181,21 +238,7 @@ class RayBackend:
 
     async def start(self) -> None:
         """Join the cluster (raises ConnectionError with the reason if it cannot)."""
-        for key, value in RAY_ENVIRONMENT.items():
-            os.environ.setdefault(key, value)
-        import ray
-
-        self.ray = ray
-        try:
-            await asyncio.to_thread(
-                ray.init,
-                address=self.address,
-                namespace=RAY_NAMESPACE,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConnectionError(f"cannot join the Ray cluster at {self.address}: {exc}") from None
+        self.ray = ray = await asyncio.to_thread(join_cluster, self.address)
         self.host_actor = ray.remote(ModelHost)
         self._read_header = ray.remote(num_cpus=0)(read_header)
         await self.refresh()
@@ -305,17 +348,7 @@ class RayBackend:
         self._suspects[placement.node_id] = time.monotonic() + SUSPECT_SECONDS
 
     async def refresh(self) -> None:
-        """Read the cluster's live nodes that can run a model (CPUs and memory to give)."""
-        nodes = await asyncio.to_thread(self.ray.nodes)
-        self._nodes = [
-            RayNode(
-                Placement(node["NodeID"], f"{node['NodeManagerAddress']}/{node['NodeID'][:8]}"),
-                int(node["Resources"].get("memory", 0)),
-                int(node["Resources"].get("CPU", 0)),
-            )
-            for node in nodes
-            if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
-        ]
+        self._nodes = await asyncio.to_thread(live_nodes, self.ray)
 
     async def _refresh_nodes(self) -> None:
         while True:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,14 +34,34 @@ class HostStatus:
 
 
 @dataclass(frozen=True)
+class HostInfo:
+    """One model actor as `multiserve models --ray` lists it."""
+
+    model_id: str | None  # None until its model loads
+    node: str
+    worker_pid: int | None
+    rss: int | None
+    owner: str  # host:pid of the API process that placed it
+
+
+@dataclass(frozen=True)
 class WorkerEnded:
     """The worker process exited (the last item of `events`)."""
 
     exitcode: int | None
 
 
+def node_label(address: str, node_id: str) -> str:
+    """A node as people see it: its address and the start of Ray's id (several simulated nodes
+    share an address)."""
+    return f"{address}/{node_id[:8]}"
+
+
 def node_name() -> str:
-    return socket.gethostname()
+    """This node's label (called inside an actor)."""
+    import ray
+
+    return node_label(ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id())
 
 
 def shift_deadline(message: object, by: float) -> object:
@@ -58,8 +77,10 @@ def shift_deadline(message: object, by: float) -> object:
 class ModelHost:
     """A Ray actor holding one model worker on its node (see the module's docstring)."""
 
-    def __init__(self, nice: int) -> None:
+    def __init__(self, nice: int, owner: str) -> None:
         self._nice = nice
+        self._owner = owner  # the API process that started it (host:pid)
+        self._model_id: str | None = None
         self._worker: WorkerProcess | None = None
         self._inbox: asyncio.Queue[StepOutput | WorkerEnded] = asyncio.Queue()
 
@@ -75,6 +96,7 @@ class ModelHost:
                 "load a model needs its GGUF file at the same path (a shared filesystem, or "
                 "the same copy on each node)"
             )
+        self._model_id = config.model_id
         self._worker = WorkerProcess(lease=None, nice=self._nice)
         reply = await self._worker.load(config)
         if isinstance(reply, WorkerReady):
@@ -85,6 +107,11 @@ class ModelHost:
         return LoadFailed(
             f"model worker exited while loading (exit code {self._worker.process.exitcode})"
         )
+
+    def describe(self) -> HostInfo:
+        """What `multiserve models --ray` shows of this actor."""
+        pid = self._worker.process.pid if self._worker is not None else None
+        return HostInfo(self._model_id, node_name(), pid, self._rss(), self._owner)
 
     def send(self, message: object) -> None:
         """A request, cancel or shutdown for the worker (in the order the API process sent)."""
