@@ -19,8 +19,8 @@ import pytest
 from llama_cpp import Llama, LlamaGrammar
 
 from conftest import TINY_CONFIG, RunningServer, run_server
+from multiserve.backends.ray_local import local_cluster
 from multiserve.engine.json_grammar import json_schema_grammar
-from ray_cluster import local_cluster
 from tiny_gguf import BOS_ID, TOKEN_TO_ID
 
 HELLO = TOKEN_TO_ID["\u2581hello"]  # token " hello"

@@ -17,10 +17,10 @@ import openai
 import pytest
 
 from conftest import RunningServer, run_server
+from multiserve.backends.ray_local import local_cluster
 from multiserve.config import ModelSpec
 from multiserve.fleet.gguf_header import read_header
 from multiserve.fleet.memory import estimate_memory
-from ray_cluster import local_cluster
 from tiny_gguf import write_tiny_model
 
 GiB = 1 << 30

@@ -40,12 +40,33 @@ def test_load_beats_affinity_beyond_the_slack_and_a_dead_replica_is_never_picked
     assert router.pick(_request(SYSTEM + "third"), loads) != home
 
 
+def test_a_shared_system_prompt_does_not_pull_new_conversations_to_one_replica() -> None:
+    router = ReplicaRouter(slack=2)
+    shared = SYSTEM  # a system prompt; the rest of each first turn is its own
+    ask = " is my own question, and it is longer than the system prompt was."
+    assert router.pick(_request(shared + "One" + ask), [0, 0]) == 0
+    assert router.pick(_request(shared + "Two" + ask), [1, 0]) == 1  # not to the busier
+    assert router.pick(_request(shared + "Six" + ask), [0, 1]) == 0  # both hold it now
+
+
+def test_a_replica_that_died_holds_nothing_any_more() -> None:
+    router = ReplicaRouter(slack=2)
+    turn = SYSTEM + "a question"
+    home = router.pick(_request(turn), [0, 0])
+    loads = [0, 0]
+    loads[home] = 1  # busier by one: within the slack, so the next turn goes home
+    assert router.pick(_request(turn + " and an answer"), loads) == home
+    router.forget(home)
+    assert router.pick(_request(turn + " and an answer, then more"), loads) != home
+
+
 def test_prefix_keys_follow_the_prompt_block_by_block() -> None:
-    short, longer = prefix_keys(_request("x" * 70)), prefix_keys(_request("x" * 70 + "y" * 40))
+    (short, blocks), (longer, _) = prefix_keys(_request("x" * 70)), prefix_keys(_request("x" * 110))
     assert len(short) == 2 and longer[:2] == short and len(longer) == 3
-    assert prefix_keys(_request("x" * 30)) == []  # no whole block yet (with its marker)
+    assert blocks == 71 / 32  # the prompt's length in blocks, its segment marker counted
+    assert prefix_keys(_request("x" * 30))[0] == []  # no whole block yet (with its marker)
     tokens = Generate("r", TokenPrompt(tuple(range(20))), 1, SamplingParams())
-    assert len(prefix_keys(tokens)) == 2  # every 8 tokens
+    assert len(prefix_keys(tokens)[0]) == 2  # every 8 tokens
 
 
 def _backend(*nodes: tuple[str, int, int]) -> RayBackend:

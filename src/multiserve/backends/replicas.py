@@ -116,6 +116,7 @@ class ReplicaSet:
         living = sum(m.alive for m in self.members)
         if not self.alive:
             return  # still starting, or already ended
+        self.router.forget(self.members.index(member))
         if living:
             log.warning(
                 "model %s lost its replica on %s (%s): %d of %d replicas serve",

@@ -1,4 +1,5 @@
-"""A Ray cluster of simulated nodes on this machine, for the Ray backend's tests.
+"""A Ray cluster of simulated nodes on this machine: for the Ray backend's tests and benchmarks,
+and for trying `--ray` without a second machine (docs/cluster.md shows the same with `ray start`).
 
 Each node is a real raylet with its own `memory` and `CPU` resources (Ray's
 `ray.cluster_utils.Cluster`), so placement, eviction and a node's death behave as on separate
@@ -16,13 +17,14 @@ from collections.abc import Iterator
 
 from ray.cluster_utils import Cluster
 
+from multiserve.backends.ray_cluster import RAY_ENVIRONMENT
+
 FAST_HEALTH_CHECKS = {
     "health_check_initial_delay_ms": 500,
     "health_check_period_ms": 500,
     "health_check_timeout_ms": 500,
     "health_check_failure_threshold": 3,
 }
-ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @contextlib.contextmanager
@@ -31,8 +33,8 @@ def local_cluster(memories: list[int], cpus: int = 2) -> Iterator[tuple[Cluster,
     cluster and the nodes' handles (for `cluster.remove_node`). Servers started meanwhile
     inherit the environment it needs (short socket paths under RAY_TMPDIR)."""
     scratch = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Unix socket paths must stay short
-    saved = {key: os.environ.get(key) for key in (*ENVIRONMENT, "RAY_TMPDIR")}
-    os.environ.update(ENVIRONMENT, RAY_TMPDIR=scratch)
+    saved = {key: os.environ.get(key) for key in (*RAY_ENVIRONMENT, "RAY_TMPDIR")}
+    os.environ.update(RAY_ENVIRONMENT, RAY_TMPDIR=scratch)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
