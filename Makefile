@@ -14,7 +14,7 @@ test:
 
 # Every benchmark runs, then the target fails if any of them missed a target (exit status 1).
 BENCHMARKS = serving_core fleet peers soak real_traffic embeddings tool_calls routing expert_memory \
-             experts_day
+             experts_day ray_cluster
 
 bench:
 	@MULTISERVE_EXTRAS=test,bench,cluster bash scripts/install.sh

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multiserve.backends.affinity import ReplicaRouter, prefix_keys
+from multiserve.backends.affinity import Prompt, ReplicaRouter
 from multiserve.backends.client import Placement, Reservation
 from multiserve.backends.ray_cluster import RayBackend, RayNode
 from multiserve.config import ModelSpec, Settings
@@ -42,8 +42,8 @@ def test_load_beats_affinity_beyond_the_slack_and_a_dead_replica_is_never_picked
 
 def test_a_shared_system_prompt_does_not_pull_new_conversations_to_one_replica() -> None:
     router = ReplicaRouter(slack=2)
-    shared = SYSTEM  # a system prompt; the rest of each first turn is its own
-    ask = " is my own question, and it is longer than the system prompt was."
+    shared = SYSTEM * 3  # most of each first turn, but only part of any earlier prompt
+    ask = " is my question."
     assert router.pick(_request(shared + "One" + ask), [0, 0]) == 0
     assert router.pick(_request(shared + "Two" + ask), [1, 0]) == 1  # not to the busier
     assert router.pick(_request(shared + "Six" + ask), [0, 1]) == 0  # both hold it now
@@ -61,12 +61,11 @@ def test_a_replica_that_died_holds_nothing_any_more() -> None:
 
 
 def test_prefix_keys_follow_the_prompt_block_by_block() -> None:
-    (short, blocks), (longer, _) = prefix_keys(_request("x" * 70)), prefix_keys(_request("x" * 110))
+    short, longer = Prompt.of(_request("x" * 70)).keys, Prompt.of(_request("x" * 110)).keys
     assert len(short) == 2 and longer[:2] == short and len(longer) == 3
-    assert blocks == 71 / 32  # the prompt's length in blocks, its segment marker counted
-    assert prefix_keys(_request("x" * 30))[0] == []  # no whole block yet (with its marker)
+    assert Prompt.of(_request("x" * 30)).keys == []  # no whole block yet (with its marker)
     tokens = Generate("r", TokenPrompt(tuple(range(20))), 1, SamplingParams())
-    assert len(prefix_keys(tokens)[0]) == 2  # every 8 tokens
+    assert len(Prompt.of(tokens).keys) == 2  # every 8 tokens
 
 
 def _backend(*nodes: tuple[str, int, int]) -> RayBackend:

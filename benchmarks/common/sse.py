@@ -181,3 +181,14 @@ def require_complete(outcomes: Sequence[Streamed], tokens: int) -> None:
     for outcome in outcomes:
         if (problem := outcome.problem(tokens)) is not None:
             raise RuntimeError(f"request to {outcome.model}: {problem}")
+
+
+def decode_rate(replies: Sequence[Streamed]) -> float:
+    """Tokens/s while every stream decodes: the chunks (a token each, bar a held-back partial
+    character) from the last stream's first token to the first stream's last one, over that
+    time. The prompts, read in the steps before, are left out, as they are for one stream."""
+    start = max(r.t_first or r.t_end for r in replies)
+    end = min(r.t_last or r.t_end for r in replies)
+    if end <= start:
+        raise RuntimeError("the streams never decoded at the same time")
+    return sum(start < t <= end for r in replies for t in r.t_chunks) / (end - start)

@@ -20,7 +20,6 @@ import asyncio
 import random
 import statistics
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -31,7 +30,14 @@ from benchmarks.common.output import console
 from benchmarks.common.page_cache import cached_share
 from benchmarks.common.server_control import settle, unload, unload_all
 from benchmarks.common.servers import RunningServer
-from benchmarks.common.sse import EXACT_GREEDY, Streamed, complete, require_complete, stream
+from benchmarks.common.sse import (
+    EXACT_GREEDY,
+    Streamed,
+    complete,
+    decode_rate,
+    require_complete,
+    stream,
+)
 from benchmarks.experts_day.text import answered, history, tokens
 from multiserve.config import ModelSpec
 
@@ -86,17 +92,6 @@ def run_anchor(spec: ModelSpec, threads: int, prompt: str, n_tokens: int) -> dic
         "load_s": marks["model"] - marks["start"],
         "decode_tok_s": n_tokens / (decoded - first),
     }
-
-
-def decode_rate(replies: Sequence[Streamed]) -> float:
-    """Tokens/s while every stream decodes: the chunks (a token each, bar a held-back partial
-    character) from the last stream's first token to the first stream's last one, over that
-    time. The prompts, read in the steps before, are left out, as they are for one stream."""
-    start = max(r.t_first or r.t_end for r in replies)
-    end = min(r.t_last or r.t_end for r in replies)
-    if end <= start:
-        raise RuntimeError("the streams never decoded at the same time")
-    return sum(start < t <= end for r in replies for t in r.t_chunks) / (end - start)
 
 
 async def _streams(client: httpx.AsyncClient, model: str, rng: random.Random, n: int) -> float:

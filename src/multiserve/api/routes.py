@@ -354,7 +354,7 @@ async def _complete(
                 n=body.n,
                 params=params,
                 add_bos=built.add_bos,
-                queue_deadline=deadline,
+                queue_timeout=deadline - time.monotonic(),
                 cache_prompt=body.cache_prompt,
             )
             for prompt in built.prompts
@@ -631,7 +631,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     try:
         engine = await _engine(state, request, entry, ticket, deadline)
         stream = open_embedding(
-            engine, Embed(uuid.uuid4().hex, body.inputs, body.dimensions, deadline)
+            engine,
+            Embed(uuid.uuid4().hex, body.inputs, body.dimensions, deadline - time.monotonic()),
         )
         try:
             embedded = await unless_disconnected(request, embed(stream, ticket))

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 
 from multiserve.backends.client import ModelClient, Placement, Reservation, WorkerLoadError
-from multiserve.backends.worker_process import WorkerProcess
+from multiserve.backends.worker_process import WorkerLink, WorkerProcess
 from multiserve.config import ModelSpec, Settings, parse_budget
 from multiserve.engine.lease import ComputeLease
 from multiserve.engine.protocol import (
@@ -46,6 +46,7 @@ class LocalWorkerClient(ModelClient):
         super().__init__(config, THIS_MACHINE, on_exit)
         self._backend = backend
         self._worker: WorkerProcess | None = None
+        self._link: WorkerLink | None = None
 
     async def start(self) -> ModelInfo:
         """Load the model in a worker (the pre-started spare, or a new one); wait until ready."""
@@ -56,7 +57,10 @@ class LocalWorkerClient(ModelClient):
             self._backend.replenish_spare()
         if isinstance(reply, WorkerReady):
             self.info, self.pid, self.alive = reply.info, reply.pid, True
-            worker.relay(asyncio.get_running_loop(), self._dispatch, self._ended)
+            loop = asyncio.get_running_loop()
+            self._link = WorkerLink(
+                worker.conn, loop, self._dispatch, self._ended, worker.exit_code
+            )
             return reply.info
         if isinstance(reply, LoadFailed):
             raise WorkerLoadError(reply.message)
@@ -65,12 +69,12 @@ class LocalWorkerClient(ModelClient):
         )
 
     def _send(self, message: Generate | Embed | Cancel) -> None:
-        self._worker.send(message)
+        self._link.send(message)
 
     def kill(self, stalled_for: float) -> None:
         self.stalled_for = stalled_for
         if self._worker is not None:
-            self._worker.kill()
+            self._worker.process.kill()
 
     def rss_bytes(self) -> int | None:
         try:
@@ -80,9 +84,9 @@ class LocalWorkerClient(ModelClient):
 
     async def stop(self) -> None:
         if self._worker is not None:
-            await self._worker.stop()
+            await self._worker.stop(self._link)
 
-    def _ended(self, exitcode: int | None) -> None:
+    def _ended(self, exitcode: object) -> None:
         self._exited(f"exit code {exitcode}")
 
 

@@ -1,9 +1,11 @@
-"""A model worker process and our end of its pipe, for whichever process runs it: the API process
-(local backend) or a Ray actor on a node (Ray backend).
+"""A model worker process, and our end of a loaded worker's connection.
 
-After the load, a reader thread hands each message the worker sends to a callback on the event
-loop, and a writer thread sends, so a large prompt never blocks the event loop on a full pipe. The
-worker's exit (clean or a crash) reaches the end callback at once, with its exit code.
+The process is started by whichever process runs it: the API process (local backend) or a Ray
+actor on a node (Ray backend). A `WorkerLink` is the API process's end of a loaded worker's
+connection, a pipe to a local worker or TCP to a worker on another node: a reader thread hands
+each message the worker sends to a callback on the event loop, and a writer thread sends, so a
+large prompt never blocks the event loop on a full pipe. The connection's end reaches the end
+callback at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import multiprocessing as mp
 import queue
 import threading
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 
 from multiserve.engine.lease import ComputeLease
 from multiserve.engine.protocol import (
@@ -29,6 +32,60 @@ from multiserve.engine.worker import run_worker
 STOP_GRACE_SECONDS = 5.0
 
 
+class WorkerLink:
+    """Our end of a loaded worker's connection (see the module's docstring).
+
+    `on_end` gets what `ended` returns, called on the reader thread once the connection is
+    closed (the local backend waits there for the process's exit code)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[StepOutput], None],
+        on_end: Callable[[object], None],
+        ended: Callable[[], object] = lambda: None,
+    ) -> None:
+        self._conn = conn
+        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        args = (loop, on_message, on_end, ended)
+        threading.Thread(target=self._read_loop, args=args, daemon=True).start()
+        threading.Thread(target=self._write_loop, daemon=True).start()
+
+    def send(self, message: object) -> None:
+        self._outbox.put(message)
+
+    def close(self) -> None:
+        """Cut the connection (the reader then reports the end)."""
+        with contextlib.suppress(OSError):
+            self._conn.close()
+
+    def _read_loop(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[StepOutput], None],
+        on_end: Callable[[object], None],
+        ended: Callable[[], object],
+    ) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                loop.call_soon_threadsafe(on_message, message)
+        except (EOFError, OSError, TypeError):  # TypeError: closed under a blocked recv
+            pass
+        outcome = ended()
+        self._outbox.put(None)
+        self.close()
+        loop.call_soon_threadsafe(on_end, outcome)
+
+    def _write_loop(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):
+                return
+
+
 class WorkerProcess:
     """A spawned worker, blank until `load`; `nice` is its scheduling niceness (higher is lower
     priority)."""
@@ -41,18 +98,18 @@ class WorkerProcess:
         )
         self.process.start()
         child.close()
-        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._relaying = False
 
     @property
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    async def load(self, config: WorkerConfig) -> WorkerReady | LoadFailed | None:
+    async def load(
+        self, config: WorkerConfig, listen: tuple[str, bytes] | None = None
+    ) -> WorkerReady | LoadFailed | None:
         """Send `Load` and wait for the answer; None if the worker exited instead."""
         loop = asyncio.get_running_loop()
         try:
-            self.conn.send(Load(config))
+            self.conn.send(Load(config, listen))
         except OSError:
             reply = None  # a spare that died while waiting
         else:
@@ -61,37 +118,25 @@ class WorkerProcess:
             await loop.run_in_executor(None, self.process.join, STOP_GRACE_SECONDS)
         return reply
 
-    def relay(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        on_message: Callable[[StepOutput], None],
-        on_end: Callable[[int | None], None],
-    ) -> None:
-        """Start the reader and writer threads of a loaded worker."""
-        self._relaying = True
-        threading.Thread(
-            target=self._read_loop, args=(loop, on_message, on_end), daemon=True
-        ).start()
-        threading.Thread(target=self._write_loop, daemon=True).start()
+    def exit_code(self) -> int | None:
+        """Wait for the process to end; its exit code."""
+        self.process.join()
+        return self.process.exitcode
 
-    def send(self, message: object) -> None:
-        self._outbox.put(message)
+    async def stop(self, link: WorkerLink | None) -> None:
+        """Ask the worker to exit over `link`; kill it if it does not within the grace period
+        (a worker with no link yet, still loading, is killed now)."""
+        if link is not None:
+            link.send(Shutdown())
+        await self.end(STOP_GRACE_SECONDS if link is not None else 0.0)
 
-    def kill(self) -> None:
-        self.process.kill()
-
-    async def stop(self) -> None:
-        """Ask the worker to exit; kill it if it does not within the grace period.
-
-        A worker not relaying yet (still loading) cannot be asked: it is killed now."""
+    async def end(self, grace: float) -> None:
+        """Wait up to `grace` seconds for the worker to exit, then kill it."""
         loop = asyncio.get_running_loop()
-        if self._relaying and self.process.is_alive():
-            self._outbox.put(Shutdown())
-            await loop.run_in_executor(None, self.process.join, STOP_GRACE_SECONDS)
+        await loop.run_in_executor(None, self.process.join, grace)
         if self.process.is_alive():
             self.process.kill()
             await loop.run_in_executor(None, self.process.join, STOP_GRACE_SECONDS)
-        self._outbox.put(None)
 
     def discard(self) -> None:
         """End a worker that was never given a model."""
@@ -99,35 +144,8 @@ class WorkerProcess:
         self.process.join(STOP_GRACE_SECONDS)
         self.conn.close()
 
-    # -- threads -----------------------------------------------------------------------------
-
     def _first_reply(self) -> WorkerReady | LoadFailed | None:
         try:
             return self.conn.recv()
         except (EOFError, OSError):
             return None
-
-    def _read_loop(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        on_message: Callable[[StepOutput], None],
-        on_end: Callable[[int | None], None],
-    ) -> None:
-        try:
-            while True:
-                message = self.conn.recv()
-                loop.call_soon_threadsafe(on_message, message)
-        except (EOFError, OSError):
-            pass
-        self.process.join()
-        self._outbox.put(None)
-        with contextlib.suppress(Exception):
-            self.conn.close()
-        loop.call_soon_threadsafe(on_end, self.process.exitcode)
-
-    def _write_loop(self) -> None:
-        while (message := self._outbox.get()) is not None:
-            try:
-                self.conn.send(message)
-            except (OSError, ValueError):
-                return

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from multiserve.engine.protocol import CacheUsage, Embed, Embedded, Event, Rejected
+from multiserve.engine.protocol import (
+    CacheUsage,
+    Embed,
+    Embedded,
+    Event,
+    Rejected,
+    start_deadline,
+)
 from multiserve.engine.runtime import Batch, Runtime
 
 
@@ -99,7 +106,11 @@ class Embedder:
             )
         vectors = np.empty((len(inputs), runtime.n_embd), np.float32)
         return EmbedJob(
-            request.request_id, inputs, vectors, request.dimensions, request.queue_deadline
+            request.request_id,
+            inputs,
+            vectors,
+            request.dimensions,
+            start_deadline(request.queue_timeout),
         )
 
     def enqueue(self, job: EmbedJob) -> None:

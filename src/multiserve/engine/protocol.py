@@ -8,6 +8,7 @@ embedding model's worker takes `Embed` instead of `Generate` and answers each wi
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -18,6 +19,12 @@ if TYPE_CHECKING:
 from multiserve.tools.layouts import ToolLayout
 
 FinishReason = Literal["stop", "length", "error"]
+
+
+def start_deadline(timeout: float | None) -> float | None:
+    """The time on this machine's monotonic clock by which a request that may wait `timeout`
+    seconds from now must have started (None: no limit)."""
+    return None if timeout is None else time.monotonic() + timeout
 
 
 @dataclass(frozen=True)
@@ -109,9 +116,14 @@ class TokenPrompt:
 
 @dataclass(frozen=True)
 class Load:
-    """First message to a (possibly pre-started) worker: which model to load."""
+    """First message to a (possibly pre-started) worker: which model to load.
+
+    With `listen` (host, authkey), the worker, once loaded, listens on that host for the one
+    client with the key and serves it instead of its parent: a worker on a Ray node talks to the
+    API process directly, with no relay between them."""
 
     config: WorkerConfig
+    listen: tuple[str, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,9 @@ class Generate:
     n: int
     params: SamplingParams
     add_bos: bool = True  # False when a chat template already wrote the BOS token
-    queue_deadline: float | None = None  # time.monotonic() after which it may not start
+    # seconds it may wait to start, from its arrival at the worker (monotonic clocks are not
+    # shared between machines, so a deadline cannot travel)
+    queue_timeout: float | None = None
     cache_prompt: bool = True  # False: neither reuse cached cells nor leave any behind
 
 
@@ -151,6 +165,7 @@ class ModelInfo:
 class WorkerReady:
     info: ModelInfo
     pid: int
+    address: tuple[str, int] | None = None  # where it listens, when loaded with `listen`
 
 
 @dataclass(frozen=True)
@@ -221,7 +236,7 @@ class Embed:
     inputs: tuple[str | tuple[int, ...], ...]
     # keep this many leading components (renormalised if the model normalises)
     dimensions: int | None = None
-    queue_deadline: float | None = None  # time.monotonic() after which it may not start
+    queue_timeout: float | None = None  # seconds it may wait to start (as Generate's)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from multiserve.engine.protocol import (
     Rejected,
     TextPrompt,
     TokenLogprob,
+    start_deadline,
 )
 from multiserve.engine.runtime import Batch, Runtime
 from multiserve.engine.sampling import (
@@ -495,7 +496,11 @@ class Scheduler:
             raise
         tokens = np.asarray(prompt, np.int32)
         return Job(
-            request.request_id, tokens, choices, request.queue_deadline, request.cache_prompt
+            request.request_id,
+            tokens,
+            choices,
+            start_deadline(request.queue_timeout),
+            request.cache_prompt,
         )
 
 

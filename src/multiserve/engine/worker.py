@@ -7,6 +7,9 @@ to load, so a pre-started spare makes a cold model's first token come sooner.
 A reader thread receives the API process's commands and prepares each request (tokenizing,
 checking, compiling its grammar) while the main thread decodes: llama.cpp releases the GIL in
 both, so a 4 MiB prompt or a large JSON schema does not stall the streams already running.
+
+On a Ray node the worker's parent is a small actor; once loaded, the worker serves the API process
+itself over an authenticated TCP connection (`Load.listen`), so no relay sits in the token path.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import signal
 import sys
 import threading
 import traceback
-from multiprocessing.connection import Connection
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener
 from typing import TYPE_CHECKING
 
 from multiserve.engine.protocol import (
@@ -115,10 +119,26 @@ def run_worker(conn: Connection, lease: ComputeLease | None, nice: int) -> None:
         except LoadError as exc:
             conn.send(LoadFailed(str(exc)))
             return
-        conn.send(WorkerReady(runtime.info(), os.getpid()))
-        _serve(conn, steps, lease, parent)
-    except (EOFError, BrokenPipeError):
+        if load.listen is None:
+            conn.send(WorkerReady(runtime.info(), os.getpid()))
+            _serve(conn, steps, lease, parent)
+            return
+        with Listener((load.listen[0], 0), authkey=load.listen[1]) as listener:
+            conn.send(WorkerReady(runtime.info(), os.getpid(), listener.address))
+            client = _accept(listener)
+        with client:
+            _serve(client, steps, lease, parent)
+    except (EOFError, BrokenPipeError, ConnectionError):
         return  # the API process is gone
+
+
+def _accept(listener: Listener) -> Connection:
+    """The first connection that proves it holds the key (others are dropped)."""
+    while True:
+        try:
+            return listener.accept()
+        except AuthenticationError:
+            continue
 
 
 def _serve(
