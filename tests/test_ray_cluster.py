@@ -6,6 +6,7 @@ missing on the nodes, and a node killed in the middle of a stream."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -66,9 +67,9 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sized(model_file: Path) -> Iterator[tuple[RunningServer, list[str]]]:
+def sized(model_file: Path) -> Iterator[tuple[RunningServer, list[str], str]]:
     """Node A fits `small` but not `big`; node B fits `big` alone or `small` alone; `huge` fits
-    neither. Yields the server and the two nodes' ids."""
+    neither. Yields the server, the two nodes' ids and the cluster's address."""
     small, big = _estimate(model_file, SMALL), _estimate(model_file, BIG)
     assert big > 1.3 * small and _estimate(model_file, HUGE) > big + small
     memories = [(small + big) // 2, big + small // 2]
@@ -84,11 +85,11 @@ def sized(model_file: Path) -> Iterator[tuple[RunningServer, list[str]]]:
         local_cluster(memories) as (cluster, nodes),
         run_server(["--config", str(config), "--ray", cluster.address], config.parent) as srv,
     ):
-        yield srv, [node.node_id for node in nodes]
+        yield srv, [node.node_id for node in nodes], cluster.address
 
 
 def test_models_go_to_the_node_they_fit_and_the_least_recent_makes_room(sized) -> None:
-    server, (node_a, node_b) = sized
+    server, (node_a, node_b), _ = sized
     with server.http() as http:
         assert _complete(http, "big").status_code == 200
         assert _placements(http)["big"] == node_b  # the only node big enough
@@ -109,7 +110,7 @@ def test_models_go_to_the_node_they_fit_and_the_least_recent_makes_room(sized) -
 
 
 def test_a_model_too_large_for_every_node_is_refused_naming_the_largest(sized) -> None:
-    server, _ = sized
+    server, _, _ = sized
     with server.http() as http:
         reply = _complete(http, "huge")
     assert reply.status_code == 503, reply.text
@@ -120,7 +121,7 @@ def test_a_model_too_large_for_every_node_is_refused_naming_the_largest(sized) -
 
 
 def test_a_file_missing_on_the_nodes_says_where_it_must_be(sized) -> None:
-    server, _ = sized
+    server, _, _ = sized
     with server.http() as http:
         reply = _complete(http, "absent")
     assert reply.status_code == 503, reply.text
@@ -185,6 +186,31 @@ def replicated(model_file: Path) -> Iterator[tuple[RunningServer, object, list]]
         yield srv, cluster, nodes
 
 
+def test_a_crashed_worker_leaves_no_actor_holding_its_node(sized) -> None:
+    server, _, address = sized
+    with server.http() as http:
+        assert _complete(http, "small").status_code == 200
+        (replica,) = http.get("/stats").json()["models"]["small"]["replicas"]
+        os.kill(replica["worker_pid"], signal.SIGKILL)  # the simulated nodes share this machine
+        _wait_for(lambda: http.get("/v1/models/small").json()["state"] == "failed")
+        _wait_for(lambda: _complete(http, "small").status_code == 200)  # placed again
+    rows = [line for line in _models_listing(address) if " small " in line]
+    assert len(rows) == 1, rows  # the crashed worker's actor is gone, not left holding memory
+    # (ended by the client; Ray would also end it once no handle is left, if none were kept)
+
+
+def _models_listing(address: str) -> list[str]:
+    listing = subprocess.run(
+        [sys.executable, "-m", "multiserve", "models", "--ray", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert listing.returncode == 0, listing.stderr
+    return listing.stdout.splitlines()
+
+
 def _replicas(http: httpx.Client) -> list[dict]:
     return http.get("/stats").json()["models"]["hot"]["replicas"]
 
@@ -214,15 +240,7 @@ def test_models_command_lists_each_replica_on_its_node(replicated) -> None:
     with server.http() as http:
         assert _complete(http, "hot").status_code == 200
         nodes = {r["node"] for r in _replicas(http)}
-    listing = subprocess.run(
-        [sys.executable, "-m", "multiserve", "models", "--ray", cluster.address],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    assert listing.returncode == 0, listing.stderr
-    rows = [line for line in listing.stdout.splitlines() if " hot " in line]
+    rows = [line for line in _models_listing(cluster.address) if " hot " in line]
     assert len(rows) == 2 and {n for n in nodes for row in rows if n in row} == nodes
 
 

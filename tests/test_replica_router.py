@@ -26,18 +26,20 @@ def test_a_conversation_returns_to_the_replica_that_read_its_start() -> None:
     assert other != first  # ties alternate
     later = _request(SYSTEM + "What is a cache? A store. And a prefix?")
     assert router.pick(later, [1, 0]) == first  # its prefix, within the slack
-    assert router.affinity_hits == 1
 
 
 def test_load_beats_affinity_beyond_the_slack_and_a_dead_replica_is_never_picked() -> None:
     router = ReplicaRouter(slack=2)
-    home = router.pick(_request(SYSTEM + "first"), [0, 0])
+    turn = SYSTEM + "first"
+    home = router.pick(_request(turn), [0, 0])
     loads: list[int | None] = [0, 0]
-    loads[home] = 3  # three more than the other: past the slack of two
-    assert router.pick(_request(SYSTEM + "second"), loads) != home
+    loads[home] = 2  # two more than the other: within the slack, the next turn goes home
+    assert router.pick(_request(turn + " second"), loads) == home
+    loads[home] = 3  # three more: past the slack of two
+    assert router.pick(_request(turn + " second third"), loads) != home
     loads = [0, 0]
     loads[home] = None  # its replica died
-    assert router.pick(_request(SYSTEM + "third"), loads) != home
+    assert router.pick(_request(turn + " second third fourth"), loads) != home
 
 
 def test_a_shared_system_prompt_does_not_pull_new_conversations_to_one_replica() -> None:

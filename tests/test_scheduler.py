@@ -83,7 +83,7 @@ def test_requests_wait_for_free_slots_and_cancel_frees_them(scheduler) -> None:
     assert scheduler.idle_slots() == 4
 
 
-def test_queue_deadline_refuses_without_running(scheduler) -> None:
+def test_queue_timeout_refuses_without_running(scheduler) -> None:
     for i in range(4):
         scheduler.submit(_generate(f"busy{i}", "hello", 1000))
     late = _generate("late", "hello", 5)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_server
+from conftest import free_port, run_server
 
 
 def _config(folder: Path, models: dict[str, str]) -> Path:
@@ -39,6 +39,23 @@ def test_busy_port_fails_at_once_with_a_clear_message(tiny_model, model_dir) -> 
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "--port" in result.stderr
     assert "serving" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_ray_cluster_nobody_answers_at_is_said_at_once(tiny_model, model_dir) -> None:
+    config = _config(model_dir, {"tiny": "tiny.gguf"})
+    with socket.socket() as closed:  # a free port: nothing listens there
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    started = time.monotonic()
+    command = ["serve", "--config", str(config), "--port", str(free_port())]
+    command += ["--ray", f"127.0.0.1:{port}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "multiserve", *command], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 30  # not Ray's minutes of retries
+    assert f"cannot join the Ray cluster at 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_health_is_degraded_when_models_fail_and_503_when_none_can_serve(

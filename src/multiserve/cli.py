@@ -201,6 +201,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     sock = listen_socket(settings.host, settings.port)
+    if settings.ray_address is not None:  # said at once, not as a failed startup's traceback
+        from multiserve.backends.ray_cluster import join_cluster
+
+        try:
+            join_cluster(settings.ray_address)
+        except ConnectionError as exc:
+            raise ConfigError(str(exc)) from None
     if warning := exposure_warning(settings):
         print(f"multiserve: WARNING: {warning}", file=sys.stderr)
     app = create_app(settings)

@@ -19,7 +19,6 @@ from multiserve.fleet.gguf_header import GGUFHeader
 class Backend(Protocol):
     """What the fleet needs from a place to run models."""
 
-    name: str
     fixed_size: bool  # its room never grows while serving (a Ray cluster's may)
     missing_file: str  # what a model whose file is not found is told
 

@@ -75,7 +75,6 @@ class ReplicaRouter:
     slack: int
     _prefixes: OrderedDict[bytes, _Prefix] = field(default_factory=OrderedDict)
     _turn: itertools.count = field(default_factory=itertools.count)
-    affinity_hits: int = 0  # requests sent to a replica for the prefix it held
 
     def pick(self, request: Generate | Embed, loads: list[int | None]) -> int:
         """The replica for `request`; `loads` are each replica's outstanding requests, None for
@@ -91,7 +90,6 @@ class ReplicaRouter:
             near = [i for i in prefix.holders if loads[i] is not None and loads[i] <= allowed]
             if near:
                 choice = min(near, key=lambda i: (loads[i], i))
-                self.affinity_hits += 1
                 break
         if choice is None:
             candidates = [i for i, load in enumerate(loads) if load == least]

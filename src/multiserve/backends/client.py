@@ -238,7 +238,9 @@ class ModelClient(ABC):
 
     def _exited(self, why: str) -> None:
         """The worker is gone (`why`: how, for logs): fail every request still on it, then tell
-        the fleet."""
+        the fleet. Only the first report counts (a connection and a watcher may both tell)."""
+        if self.exit_reason is not None:
+            return
         self.alive, self.exit_reason = False, why
         self.running = self.waiting = 0
         for stream in self._streams.values():

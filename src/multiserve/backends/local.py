@@ -93,7 +93,6 @@ class LocalWorkerClient(ModelClient):
 class LocalBackend:
     """Workers on this machine: one memory budget, a spare worker, the compute lease."""
 
-    name = "local"
     fixed_size = True
     missing_file = "model file not found"
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -61,6 +62,8 @@ ACTOR_PREFIX = "model-host-"
 NODES_REFRESH_SECONDS = 2.0
 PLACEMENT_SECONDS = 30.0  # an actor Ray has not started by then has no room where it was sent
 CONNECT_SECONDS = 10.0  # to reach a loaded worker on its node
+HEADER_SECONDS = 30.0  # to read a model file's header on a node
+JOIN_CHECK_SECONDS = 5.0  # for the head to accept a connection at all
 STOP_SECONDS = 8.0
 SUSPECT_SECONDS = 60.0  # a node whose actor died takes no new model for this long
 # Ray's defaults: no usage reports; and a head on 127.0.0.1 must be joined as such (otherwise
@@ -78,12 +81,21 @@ class RayNode:
 
 
 def join_cluster(address: str) -> Any:
-    """Connect this process to the Ray cluster at `address` (blocking); the `ray` module.
+    """Connect this process to the Ray cluster at `address` (blocking; once); the `ray` module.
     Raises ConnectionError saying why it could not."""
     for key, value in RAY_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     import ray
 
+    if ray.is_initialized():
+        return ray
+    if address != "auto":  # ray.init retries an address nobody answers at for minutes
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=JOIN_CHECK_SECONDS).close()
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not host:port"
+            raise ConnectionError(f"cannot join the Ray cluster at {address}: {reason}") from None
     try:
         ray.init(
             address=address,
@@ -144,9 +156,9 @@ class RayActorClient(ModelClient):
         self._backend = backend
         self._actor: Any = None
         self._link: WorkerLink | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None  # held: the loop keeps only weak refs
         self._rss: int | None = None
-        self._why: str | None = None  # how it ended, when the actor said first
+        self._stopping = False  # stop() asked: its end is not a failure of the node
 
     async def start(self) -> ModelInfo:
         from ray.exceptions import RayError
@@ -165,6 +177,7 @@ class RayActorClient(ModelClient):
             await asyncio.wait_for(_awaited(self._actor.ping.remote()), PLACEMENT_SECONDS)
             reply, key = await _awaited(self._actor.load.remote(self.config))
         except TimeoutError:
+            self._backend.suspect(self.placement)  # our view of the node is stale: try others
             raise WorkerLoadError(
                 f"Ray did not start it on node {node} within {PLACEMENT_SECONDS:.0f}s (the "
                 "node's memory or CPUs are taken, or the node is gone)"
@@ -195,8 +208,7 @@ class RayActorClient(ModelClient):
 
     def kill(self, stalled_for: float) -> None:
         self.stalled_for = stalled_for
-        if self._actor is not None:
-            self._backend.ray.kill(self._actor, no_restart=True)
+        self._end_actor()
 
     def rss_bytes(self) -> int | None:
         return self._rss
@@ -208,39 +220,51 @@ class RayActorClient(ModelClient):
             return
         from ray.exceptions import RayError
 
+        self._stopping = True
         if self._link is not None:
             self._link.send(Shutdown())
         with contextlib.suppress(RayError, TimeoutError):
             await asyncio.wait_for(_awaited(self._actor.stop.remote()), STOP_SECONDS)
-        with contextlib.suppress(RayError):
-            self._backend.ray.kill(self._actor, no_restart=True)
+        self._end_actor()
+
+    def _end_actor(self) -> None:
+        """Kill the actor (and so its worker), freeing its memory and CPUs on the node."""
+        from ray.exceptions import RayError
+
+        if self._actor is not None:
+            with contextlib.suppress(RayError, ValueError):
+                self._backend.ray.kill(self._actor, no_restart=True)
 
     async def _watch_host(self) -> None:
         """Follow the actor's status stream: the worker's memory, and its end or the actor's
         (its node's) death, which cuts the connection so the requests on it fail at once."""
         from ray.exceptions import RayError
 
+        why = f"its worker on node {self.placement.node} ended"
         try:
             async for ref in self._actor.status.options(num_returns="streaming").remote():
                 item = await ref
                 if isinstance(item, HostStatus):
                     self._rss = item.rss
                 else:
-                    self._why = f"exit code {item.exitcode} on node {self.placement.node}"
+                    why = f"exit code {item.exitcode} on node {self.placement.node}"
         except RayError as exc:
-            self._why = f"its Ray actor or node {self.placement.node} died ({type(exc).__name__})"
-            if self.alive and self.stalled_for is None:
+            why = f"its Ray actor or node {self.placement.node} died ({type(exc).__name__})"
+            if not self._stopping and self.stalled_for is None:
                 self._backend.suspect(self.placement)
+        # a node that vanished sends nothing more: fail its requests now rather than wait for
+        # the connection to notice, and free what the actor holds if it is still there
         self._link.close()
+        self._end_actor()
+        self._exited(why)
 
     def _ended(self, _: object) -> None:
-        self._exited(self._why or f"its connection to node {self.placement.node} ended")
+        self._exited(f"its connection to node {self.placement.node} ended")
 
 
 class RayBackend:
     """Model workers on a Ray cluster's nodes (see the module's docstring)."""
 
-    name = "ray"
     fixed_size = False
     missing_file = (
         "model file not found on the Ray node that looked: every node needs the GGUF file at "
@@ -276,13 +300,23 @@ class RayBackend:
             await asyncio.to_thread(self.ray.shutdown)
 
     async def read_header(self, path: Path) -> GGUFHeader:
-        """The header, read on a node of the cluster (where the models load, not here)."""
-        from ray.exceptions import RayTaskError
+        """The header, read on a node that runs models (the API machine needs no copy); OSError
+        when no node answers in time."""
+        from ray.exceptions import RayError, RayTaskError
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        if not self._nodes:
+            raise OSError(errno.EHOSTUNREACH, "the Ray cluster has no node to read it")
+        node = max(self._nodes, key=lambda n: n.memory).placement.node_id
+        task = self._read_header.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
+        )
         try:
-            return await _awaited(self._read_header.remote(path))
+            return await asyncio.wait_for(_awaited(task.remote(path)), HEADER_SECONDS)
         except RayTaskError as exc:
             raise exc.cause from None
+        except (RayError, TimeoutError):
+            raise OSError(errno.ETIMEDOUT, "no Ray node read it in time") from None
 
     def place(self, spec: ModelSpec, needed: int, held: list[Reservation]) -> Reservation | None:
         """`spec.replicas` nodes with room for `needed` bytes and the model's threads, those
@@ -307,6 +341,13 @@ class RayBackend:
             return None
         if not self._nodes:
             return "and the Ray cluster has no node with CPUs and memory to run models"
+        if any(n.memory >= needed for n in self._nodes) and not any(
+            (spec.threads or 1) <= n.cpus for n in self._nodes if n.memory >= needed
+        ):
+            return (
+                f"and {spec.threads} threads, more CPUs than any Ray node with that memory has; "
+                "lower its threads"
+            )
         if able:
             return (
                 f"on {spec.replicas} nodes (replicas), and only {len(able)} Ray nodes have that "

@@ -56,7 +56,13 @@ class ReplicaSet:
             if isinstance(failure, WorkerLoadError | asyncio.CancelledError):
                 raise failure
             raise WorkerLoadError(f"a replica failed to start ({type(failure).__name__})")
+        if not any(m.alive for m in self.members):  # all died between loading and now
+            await self.stop()
+            raise WorkerLoadError("every replica exited right after loading")
         self.info, self.alive = results[0], True
+        for index, member in enumerate(self.members):
+            if not member.alive:
+                self.router.forget(index)
         return self.info
 
     def open(self, request: Generate | Embed) -> RequestStream:
@@ -107,7 +113,8 @@ class ReplicaSet:
         return sum(sizes) if sizes else None
 
     async def stop(self) -> None:
-        await asyncio.gather(*(m.stop() for m in self.members))
+        self.alive = False  # the replicas' ends from here on are asked for, not losses
+        await asyncio.gather(*(m.stop() for m in self.members), return_exceptions=True)
 
     def replicas(self) -> list[ReplicaView]:
         return [view for member in self.members for view in member.replicas()]

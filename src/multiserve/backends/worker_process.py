@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing as mp
+import os
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -28,6 +31,8 @@ from multiserve.engine.protocol import (
     WorkerReady,
 )
 from multiserve.engine.worker import run_worker
+
+log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 5.0
 
@@ -56,7 +61,17 @@ class WorkerLink:
         self._outbox.put(message)
 
     def close(self) -> None:
-        """Cut the connection (the reader then reports the end)."""
+        """Cut the connection. A socket is shut down first: closing alone does not wake a
+        reader blocked on a peer that went silent (a node that vanished)."""
+        with contextlib.suppress(OSError, ValueError):
+            fd = os.dup(self._conn.fileno())
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:  # a pipe: closing it is enough
+                os.close(fd)
+            else:
+                with sock:
+                    sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._conn.close()
 
@@ -73,6 +88,8 @@ class WorkerLink:
                 loop.call_soon_threadsafe(on_message, message)
         except (EOFError, OSError, TypeError):  # TypeError: closed under a blocked recv
             pass
+        except Exception:  # a message that does not unpickle (another version on the node)
+            log.exception("unreadable message from a model worker: closing its connection")
         outcome = ended()
         self._outbox.put(None)
         self.close()

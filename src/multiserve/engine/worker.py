@@ -133,11 +133,13 @@ def run_worker(conn: Connection, lease: ComputeLease | None, nice: int) -> None:
 
 
 def _accept(listener: Listener) -> Connection:
-    """The first connection that proves it holds the key (others are dropped)."""
+    """The first connection that proves it holds the key; any other (a wrong key, a reset, a
+    peer that sends garbage) is dropped and the next one awaited. The wait ends with this
+    process: the actor that started it is killed if the API process never connects."""
     while True:
         try:
             return listener.accept()
-        except AuthenticationError:
+        except (AuthenticationError, OSError, EOFError):
             continue
 
 

@@ -206,7 +206,8 @@ class Fleet:
         """Whether a request for this model could be served, now or after a load: not too large
         for the budget, not being unloaded, not failed and waiting out its retry backoff."""
         failed = entry.state is ModelState.FAILED and entry.retry_at > time.monotonic()
-        return not (entry.too_large or entry.unloading or failed)
+        too_large = entry.too_large and self._still_too_large(entry)
+        return not (too_large or entry.unloading or failed)
 
     async def engine(self, entry: ModelEntry) -> RunningModel:
         """A running worker for this model, starting one if needed (shared by all callers).
@@ -268,6 +269,11 @@ class Fleet:
             config = worker_config(spec, reservation.threads, estimate.host_cache)
             started = time.perf_counter()
             client = await self._start_client(config, reservation)
+            if not client.alive:  # exited between its answer and now
+                await client.stop()
+                raise WorkerLoadError(
+                    f"model worker exited right after loading ({client.exit_reason})"
+                )
             log.info(
                 "loaded %s on %s in %.2fs",
                 spec.id,
@@ -353,7 +359,16 @@ class Fleet:
                     or (not e.busy and (self._turn_over(e, now) or self._past_idle_grace(e, now)))
                 ]
                 if idle:
-                    victim = min(idle, key=lambda e: e.admission.last_used)
+                    # on a cluster, a victim whose node then has room beats an older one elsewhere
+                    frees = [
+                        e
+                        for e in idle
+                        if self.backend.place(
+                            entry.spec, needed, self.held([h for h in holding if h is not e])
+                        )
+                        is not None
+                    ]
+                    victim = min(frees or idle, key=lambda e: e.admission.last_used)
                     log.info("evicting %s to make room for %s", victim.spec.id, entry.spec.id)
                     await self._stop_worker(victim)
                     continue
@@ -444,32 +459,38 @@ class Fleet:
         self._changed()
 
     async def _watch(self) -> None:
-        """Every second: kill hung workers, unload models idle past their TTL."""
+        """Every second: kill hung workers, unload models idle past their TTL. A failure with
+        one model is logged and the watch goes on (it guards every other model too)."""
         while True:
             await asyncio.sleep(WATCH_SECONDS)
-            now = time.monotonic()
             for entry in self.entries.values():
-                client = entry.client
-                if client is not None and client.alive:
-                    silent = client.stalled(entry.spec.stall_timeout)
-                    if silent is not None:
-                        log.error(
-                            "model %s: no step for %.0fs with %d requests: killing its worker",
-                            entry.spec.id,
-                            silent,
-                            client.in_flight,
-                        )
-                        client.kill(silent)
-                ttl = entry.spec.idle_ttl
-                if (
-                    ttl is not None
-                    and entry.state is ModelState.LOADED
-                    and not entry.busy
-                    and not entry.spec.pinned
-                    and now - entry.admission.last_used > ttl
-                ):
-                    log.info("unloading %s after %.0fs idle", entry.spec.id, ttl)
-                    await self._stop_worker(entry)
+                try:
+                    await self._look_after(entry, time.monotonic())
+                except Exception:
+                    log.exception("model %s: the watch failed this time", entry.spec.id)
+
+    async def _look_after(self, entry: ModelEntry, now: float) -> None:
+        client = entry.client
+        if client is not None and client.alive:
+            silent = client.stalled(entry.spec.stall_timeout)
+            if silent is not None:
+                log.error(
+                    "model %s: no step for %.0fs with %d requests: killing its worker",
+                    entry.spec.id,
+                    silent,
+                    client.in_flight,
+                )
+                client.kill(silent)
+        ttl = entry.spec.idle_ttl
+        if (
+            ttl is not None
+            and entry.state is ModelState.LOADED
+            and not entry.busy
+            and not entry.spec.pinned
+            and now - entry.admission.last_used > ttl
+        ):
+            log.info("unloading %s after %.0fs idle", entry.spec.id, ttl)
+            await self._stop_worker(entry)
 
     def _on_worker_exit(self, client: RunningModel) -> None:
         for entry in self.entries.values():
