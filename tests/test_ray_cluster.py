@@ -5,6 +5,7 @@ missing on the nodes, and a node killed in the middle of a stream."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -61,6 +62,20 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def _on_cluster(
+    config: Path, models: str, memories: list[int]
+) -> Iterator[tuple[RunningServer, object, list]]:
+    """A server for `models` (config text, written to `config`) on a fresh simulated cluster
+    with a node of each of `memories` bytes; yields the server, the cluster and its nodes."""
+    config.write_text(models)
+    with (
+        local_cluster(memories) as (cluster, nodes),
+        run_server(["--config", str(config), "--ray", cluster.address], config.parent) as srv,
+    ):
+        yield srv, cluster, nodes
+
+
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("ray") / "tiny.gguf", seed=0, n_ctx_train=8192)
@@ -72,19 +87,15 @@ def sized(model_file: Path) -> Iterator[tuple[RunningServer, list[str], str]]:
     neither. Yields the server, the two nodes' ids and the cluster's address."""
     small, big = _estimate(model_file, SMALL), _estimate(model_file, BIG)
     assert big > 1.3 * small and _estimate(model_file, HUGE) > big + small
-    memories = [(small + big) // 2, big + small // 2]
-    config = model_file.parent / "sized.toml"
-    config.write_text(
+    models = (
         _model("small", SMALL)
         + _model("small2", SMALL)
         + _model("big", BIG)
         + _model("huge", HUGE)
         + _model("absent", SMALL, path="no-such-file.gguf")
     )
-    with (
-        local_cluster(memories) as (cluster, nodes),
-        run_server(["--config", str(config), "--ray", cluster.address], config.parent) as srv,
-    ):
+    memories = [(small + big) // 2, big + small // 2]
+    with _on_cluster(model_file.parent / "sized.toml", models, memories) as (srv, cluster, nodes):
         yield srv, [node.node_id for node in nodes], cluster.address
 
 
@@ -109,37 +120,31 @@ def test_models_go_to_the_node_they_fit_and_the_least_recent_makes_room(sized) -
         assert cards["big"]["replicas"] == []
 
 
-def test_a_model_too_large_for_every_node_is_refused_naming_the_largest(sized) -> None:
+@pytest.mark.parametrize(
+    ("model", "code", "says"),
+    [
+        # a larger node may join: 503 with Retry-After, naming the largest node there is
+        ("huge", "model_too_large", "more than any Ray node has: the largest offers"),
+        # the path rule, never the path itself
+        ("absent", "model_unavailable", "every node needs the GGUF file at the same path"),
+    ],
+)
+def test_a_model_no_node_can_load_is_refused_saying_why(sized, model, code, says) -> None:
     server, _, _ = sized
     with server.http() as http:
-        reply = _complete(http, "huge")
+        reply = _complete(http, model)
     assert reply.status_code == 503, reply.text
     error = reply.json()["error"]
-    assert error["code"] == "model_too_large"
-    assert "more than any Ray node has: the largest offers" in error["message"]
-    assert int(reply.headers["Retry-After"]) >= 1  # a larger node may join
-
-
-def test_a_file_missing_on_the_nodes_says_where_it_must_be(sized) -> None:
-    server, _, _ = sized
-    with server.http() as http:
-        reply = _complete(http, "absent")
-    assert reply.status_code == 503, reply.text
-    error = reply.json()["error"]
-    assert error["code"] == "model_unavailable"
-    assert "every node needs the GGUF file at the same path" in error["message"]
-    assert "no-such-file" not in error["message"]  # no path reaches a client
+    assert (error["code"], says in error["message"]) == (code, True), error
+    assert int(reply.headers["Retry-After"]) >= 1
+    assert "no-such-file" not in error["message"]
 
 
 @pytest.fixture
 def two_nodes(model_file: Path) -> Iterator[tuple[RunningServer, object, list]]:
-    config = model_file.parent / "two.toml"
-    config.write_text(_model("first", BIG) + _model("second", SMALL))
-    with (
-        local_cluster([GiB, GiB]) as (cluster, nodes),
-        run_server(["--config", str(config), "--ray", cluster.address], config.parent) as srv,
-    ):
-        yield srv, cluster, nodes
+    models = _model("first", BIG) + _model("second", SMALL)
+    with _on_cluster(model_file.parent / "two.toml", models, [GiB, GiB]) as running:
+        yield running
 
 
 def test_a_node_killed_mid_stream_fails_the_stream_and_the_model_moves(two_nodes) -> None:
@@ -177,13 +182,9 @@ def test_a_node_killed_mid_stream_fails_the_stream_and_the_model_moves(two_nodes
 @pytest.fixture(scope="module")
 def replicated(model_file: Path) -> Iterator[tuple[RunningServer, object, list]]:
     """`hot` with two replicas, one on each of two nodes."""
-    config = model_file.parent / "replicated.toml"
-    config.write_text(_model("hot", {"n_ctx": 1024, "n_parallel": 4, "replicas": 2}))
-    with (
-        local_cluster([GiB, GiB]) as (cluster, nodes),
-        run_server(["--config", str(config), "--ray", cluster.address], config.parent) as srv,
-    ):
-        yield srv, cluster, nodes
+    models = _model("hot", {"n_ctx": 1024, "n_parallel": 4, "replicas": 2})
+    with _on_cluster(model_file.parent / "replicated.toml", models, [GiB, GiB]) as running:
+        yield running
 
 
 def test_a_crashed_worker_leaves_no_actor_holding_its_node(sized) -> None:
