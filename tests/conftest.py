@@ -111,6 +111,38 @@ def run_server(
             process.wait()
 
 
+BACKENDS = ("local", "ray")  # end-to-end modules that run on both: params of their server
+
+
+@contextlib.contextmanager
+def serving_on(backend: str, config: Path) -> Iterator[RunningServer]:
+    """`multiserve serve --config config`, locally or on a fresh two-node simulated Ray cluster
+    (both nodes with 1 GiB for models and two CPUs)."""
+    if backend == "local":
+        with run_server(["--config", str(config)], config.parent) as running:
+            yield running
+        return
+    from multiserve.backends.ray_local import local_cluster
+
+    with (
+        local_cluster([2**30, 2**30]) as (cluster, _),
+        run_server(["--config", str(config), "--ray", cluster.address], config.parent) as running,
+    ):
+        yield running
+
+
+def on_each_backend(
+    request: pytest.FixtureRequest, shared: RunningServer
+) -> Iterator[RunningServer]:
+    """For a module's `server` fixture with params BACKENDS: the session's local server, or the
+    same config served on a Ray cluster."""
+    if request.param == "local":
+        yield shared
+        return
+    with serving_on(request.param, shared.log.parent / "multiserve.toml") as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")

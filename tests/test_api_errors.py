@@ -1,16 +1,25 @@
-"""Bad requests get OpenAI error bodies with the right status, and the server keeps serving."""
+"""Bad requests get OpenAI error bodies with the right status, and the server keeps serving; on
+both backends (local workers, and the same config on a two-node Ray cluster)."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from collections.abc import Iterator
 
 import pytest
+
+from conftest import BACKENDS, RunningServer, on_each_backend
 
 LEAKS = re.compile(r"\.py\b|site-packages|(^|[\s\"'])/(usr|home|root|tmp|work|opt|etc|var)/")
 
 GOOD_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[RunningServer]:
+    yield from on_each_backend(request, server)
 
 
 def _error(response, status: int) -> dict:

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from llama_cpp import Llama, LlamaGrammar
 
-from conftest import TINY_CONFIG, RunningServer, run_server
-from multiserve.backends.ray_local import local_cluster
+from conftest import BACKENDS, RunningServer, on_each_backend
 from multiserve.engine.json_grammar import json_schema_grammar
 from tiny_gguf import BOS_ID, TOKEN_TO_ID
 
@@ -28,20 +27,9 @@ FORCED = "héllo € wörld 東京 STOP tail"
 FORCE_SCHEMA = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"enum": [FORCED]}}}
 
 
-@pytest.fixture(scope="module", params=["local", "ray"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def server(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[RunningServer]:
-    """The shared local server, or the same config served on a two-node Ray cluster."""
-    if request.param == "local":
-        yield server
-        return
-    model_dir = server.log.parent
-    config = model_dir / "ray.toml"
-    config.write_text(TINY_CONFIG)
-    with (
-        local_cluster([2**30, 2**30]) as (cluster, _),
-        run_server(["--config", str(config), "--ray", cluster.address], model_dir) as on_ray,
-    ):
-        yield on_ray
+    yield from on_each_backend(request, server)
 
 
 def test_chat_completion_answers_with_usage(server) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import RunningServer, run_server
+from conftest import BACKENDS, RunningServer, serving_on
 from test_fleet import Stream, _config, _model, _stats, _wait_for
 
 ONE = "one-slot"  # every request uses sequence 0: the next one gets exactly the abandoned cells
@@ -30,15 +30,17 @@ FOUR = "four-slots"  # n = 4 takes every slot
 IDLE_WITHIN = 3.0  # seconds; each abandoned request would run for far longer by itself
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=BACKENDS)
 def one_and_four(
-    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
+    """Both models, on local workers and on a two-node Ray cluster (where the cancel crosses
+    the worker's own TCP connection)."""
     folder = tmp_path_factory.mktemp("cancellation")
     (folder / "tiny.gguf").symlink_to(tiny_model)
     models = _model(ONE, "tiny", n_ctx=4096, n_parallel=1, step_tokens=16, preload=True)
     models += _model(FOUR, "tiny", n_ctx=4096, n_parallel=4, step_tokens=64, preload=True)
-    with run_server(["--config", str(_config(folder, models))], folder) as running:
+    with serving_on(request.param, _config(folder, models)) as running:
         yield running
 
 

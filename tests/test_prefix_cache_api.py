@@ -1,11 +1,21 @@
 """Prefix reuse as clients see it: `usage.prompt_tokens_details.cached_tokens`, the per-request
-opt-out, and the counters in /metrics and /stats, end to end with the official `openai` client."""
+opt-out, and the counters in /metrics and /stats, end to end with the official `openai` client,
+on both backends (local workers, and the same config on a two-node Ray cluster)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import BACKENDS, RunningServer, on_each_backend
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[RunningServer]:
+    yield from on_each_backend(request, server)
 
 
 def _messages() -> list[dict]:
