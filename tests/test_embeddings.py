@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from openai import BadRequestError, OpenAI
 
-from conftest import RunningServer, run_server
+from conftest import BACKENDS, RunningServer, run_server, serving_on
 from multiserve.config import ModelSpec
 from multiserve.engine.embedder import Embedder
 from multiserve.engine.protocol import Embed, Embedded
@@ -33,7 +33,8 @@ N_EMBD = 64  # the tiny model's embedding size
 HELLO, WORLD, CAT = (TOKEN_TO_ID[f"\u2581{word}"] for word in ("hello", "world", "cat"))
 WORDS = ("hello", "world", "the", "cat", "dog", "red", "blue", "good", "day", "model")
 
-EMBEDDING = 'path = "tiny.gguf"\nembedding = true\nflash_attn = false\n'
+# every model takes one thread: on a Ray node, a model without `threads` would take all its CPUs
+EMBEDDING = 'path = "tiny.gguf"\nembedding = true\nflash_attn = false\nthreads = 1\n'
 CONFIG = f"""threads = 1
 
 [[models]]
@@ -42,6 +43,7 @@ path = "tiny.gguf"
 n_ctx = 256
 n_parallel = 2
 step_tokens = 64
+threads = 1
 embeddings_model = "embed"
 
 [[models]]
@@ -50,6 +52,7 @@ path = "tiny.gguf"
 n_ctx = 256
 n_parallel = 2
 step_tokens = 64
+threads = 1
 
 [[models]]
 id = "embed"
@@ -64,23 +67,26 @@ path = "tiny-cls.gguf"
 embedding = true
 flash_attn = false
 normalize = false
+threads = 1
 """ + "".join(
     f'\n[[models]]\nid = "raw-{pooling}"\n{EMBEDDING}pooling = "{pooling}"\nnormalize = false\n'
     for pooling in ("mean", "cls", "last")
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=BACKENDS)
 def embed_server(
-    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
+    """Every model, on local workers and on a two-node Ray cluster (vectors cross the worker's
+    own TCP connection)."""
     folder = tmp_path_factory.mktemp("embeddings")
     (folder / "tiny.gguf").symlink_to(tiny_model)
     # the same weights, with the pooling an embedding model names in its GGUF (2: cls)
     write_tiny_model(folder / "tiny-cls.gguf", seed=0, n_ctx_train=8192, pooling_type=2)
     config = folder / "multiserve.toml"
     config.write_text(CONFIG)
-    with run_server(["--config", str(config)], folder) as server:
+    with serving_on(request.param, config) as server:
         yield server
 
 
