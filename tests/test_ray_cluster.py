@@ -181,9 +181,9 @@ def test_a_node_killed_mid_stream_fails_the_stream_and_the_model_moves(two_nodes
 
 @pytest.fixture(scope="module")
 def replicated(model_file: Path) -> Iterator[tuple[RunningServer, object, list]]:
-    """`hot` with two replicas, one on each of two nodes."""
+    """`hot` with two replicas on three nodes (the third takes a lost replica)."""
     models = _model("hot", {"n_ctx": 1024, "n_parallel": 4, "replicas": 2})
-    with _on_cluster(model_file.parent / "replicated.toml", models, [GiB, GiB]) as running:
+    with _on_cluster(model_file.parent / "replicated.toml", models, [GiB] * 3) as running:
         yield running
 
 
@@ -231,7 +231,7 @@ def test_replicas_share_conversations_and_each_returns_to_its_cache(replicated) 
                     cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
                 prompts[i] = f"{prompt}{body['choices'][0]['text']} and then, turn {turn}: "
         replicas = _replicas(http)
-    assert {r["node_id"] for r in replicas} == {node.node_id for node in nodes}
+    assert len({r["node_id"] for r in replicas} & {node.node_id for node in nodes}) == 2
     assert sorted(r["requests"] for r in replicas) == [3, 6]  # one conversation, and two
     assert all(tokens > 0 for tokens in cached), cached  # every later turn found its prefix
 
@@ -278,7 +278,12 @@ def test_a_lost_replica_fails_only_its_requests_and_the_other_serves(replicated)
                 ended.append("failed")
         assert sorted(ended) == ["complete", "failed"]
         assert http.get("/v1/models/hot").json()["state"] == "loaded"
-        states = {r["node_id"]: r["state"] for r in _replicas(http)}
-        assert states == {first["node_id"]: "failed", second["node_id"]: "loaded"}
-        for _ in range(3):  # every new request goes to the replica left
+        for _ in range(3):  # new requests go to the replica left
             assert _complete(http, "hot").status_code == 200
+
+        def placed_again() -> bool:  # on the third node, the lost one not among them
+            states = {r["node_id"]: r["state"] for r in _replicas(http)}
+            return list(states.values()) == ["loaded", "loaded"] and first["node_id"] not in states
+
+        _wait_for(placed_again)
+        assert second["node_id"] in {r["node_id"] for r in _replicas(http)}

@@ -31,8 +31,15 @@ class Backend(Protocol):
     async def read_header(self, path: Path) -> GGUFHeader:
         """The GGUF header of a model file, read where the model will be loaded."""
 
-    def place(self, spec: ModelSpec, needed: int, held: list[Reservation]) -> Reservation | None:
-        """Room for `spec` (`needed` bytes and its threads) beside what is `held`, or None."""
+    def place(
+        self,
+        spec: ModelSpec,
+        needed: int,
+        held: list[Reservation],
+        avoid: frozenset[str] = frozenset(),
+    ) -> Reservation | None:
+        """Room for `spec` (`needed` bytes and its threads) beside what is `held`, on no node
+        in `avoid`, or None."""
 
     def too_large(self, spec: ModelSpec, needed: int) -> str | None:
         """Why no place could ever hold `spec`, or None if one could."""

@@ -83,6 +83,8 @@ class RunningModel(Protocol):
     def rss_bytes(self) -> int | None: ...
     async def stop(self) -> None: ...
     def replicas(self) -> list[ReplicaView]: ...
+    def lost(self) -> list[int]: ...
+    async def restore(self, index: int, placement: Placement) -> bool: ...
 
 
 class WorkerLoadError(RuntimeError):
@@ -224,6 +226,13 @@ class ModelClient(ABC):
     def replicas(self) -> list[ReplicaView]:
         state = "loaded" if self.alive else ("loading" if self.exit_reason is None else "failed")
         return [ReplicaView(self.placement, state, self.in_flight, self.pid, self.requests)]
+
+    def lost(self) -> list[int]:
+        """Replicas that died while the model serves on: one worker has none to lose."""
+        return []
+
+    async def restore(self, index: int, placement: Placement) -> bool:
+        return False
 
     # -- called by subclasses on the event loop ----------------------------------------------
 

@@ -116,7 +116,13 @@ class LocalBackend:
     async def read_header(self, path: Path) -> GGUFHeader:
         return await asyncio.to_thread(read_header, path)
 
-    def place(self, spec: ModelSpec, needed: int, held: list[Reservation]) -> Reservation | None:
+    def place(
+        self,
+        spec: ModelSpec,
+        needed: int,
+        held: list[Reservation],
+        avoid: frozenset[str] = frozenset(),
+    ) -> Reservation | None:
         """This machine if `needed` bytes fit the budget beside what `held` reserves (threads
         are not reserved: busy models take turns on the cores)."""
         if needed > self.budget - sum(r.memory for r in held):

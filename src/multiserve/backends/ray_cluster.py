@@ -318,13 +318,22 @@ class RayBackend:
         except (RayError, TimeoutError):
             raise OSError(errno.ETIMEDOUT, "no Ray node read it in time") from None
 
-    def place(self, spec: ModelSpec, needed: int, held: list[Reservation]) -> Reservation | None:
+    def place(
+        self,
+        spec: ModelSpec,
+        needed: int,
+        held: list[Reservation],
+        avoid: frozenset[str] = frozenset(),
+    ) -> Reservation | None:
         """`spec.replicas` nodes with room for `needed` bytes and the model's threads, those
-        with the most memory free first; None if not enough nodes have room."""
+        with the most memory free first, none of them in `avoid` (node ids); None if not enough
+        nodes have room."""
         now = time.monotonic()
         free = []
         for node in self._nodes:
             if self._suspects.get(node.placement.node_id, 0.0) > now:
+                continue
+            if node.placement.node_id in avoid:
                 continue
             memory, cpus = self._free(node, held)
             if needed <= memory and (spec.threads or node.cpus) <= cpus:
@@ -367,15 +376,12 @@ class RayBackend:
     ) -> RunningModel:
         """One actor per place reserved; several behind a router when the model has replicas."""
 
-        def build(member_exit: Callable[[ModelClient], None]) -> list[ModelClient]:
-            return [
-                RayActorClient(config, place, reservation, member_exit, self)
-                for place in reservation.placements
-            ]
+        def spawn(place: Placement, member_exit: Callable[[ModelClient], None]) -> ModelClient:
+            return RayActorClient(config, place, reservation, member_exit, self)
 
         if len(reservation.placements) == 1:
-            return build(on_exit)[0]
-        return ReplicaSet(build, on_exit)
+            return spawn(reservation.placements[0], on_exit)
+        return ReplicaSet(spawn, reservation.placements, on_exit)
 
     def memory(self, held: list[Reservation]) -> dict:
         """`/stats` memory: every node's resources and what models reserve of them."""

@@ -3,7 +3,7 @@
 To the fleet it is one running model (`RunningModel`): it loads when all its replicas have
 loaded, and each request goes to the replica the `ReplicaRouter` picks. A replica that dies fails
 only the requests it had, and the others go on serving; the model counts as failed only when no
-replica is left. Its lost replicas come back when the model is next loaded.
+replica is left. The fleet places a lost replica again (`lost`, `restore`) on another node.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from multiserve.backends.affinity import ReplicaRouter
 from multiserve.backends.client import (
     ModelClient,
+    Placement,
     ReplicaView,
     RequestCut,
     RequestStream,
@@ -32,11 +33,13 @@ class ReplicaSet:
 
     def __init__(
         self,
-        build: Callable[[Callable[[ModelClient], None]], list[ModelClient]],
+        spawn: Callable[[Placement, Callable[[ModelClient], None]], ModelClient],
+        placements: tuple[Placement, ...],
         on_exit: Callable[[RunningModel], None],
     ) -> None:
-        """`build` makes the replicas' clients, given the callback each must call on its end."""
-        self.members = build(self._member_exited)
+        """`spawn` makes a replica's client at a place, given the callback it calls on its end."""
+        self._spawn = spawn
+        self.members = [spawn(place, self._member_exited) for place in placements]
         self.router = ReplicaRouter(slack=max(2, self.members[0].config.n_seq_max // 4))
         self.info: ModelInfo | None = None
         self.pid: int | None = None  # each replica's is in `replicas()`
@@ -119,10 +122,41 @@ class ReplicaSet:
     def replicas(self) -> list[ReplicaView]:
         return [view for member in self.members for view in member.replicas()]
 
+    def lost(self) -> list[int]:
+        """The replicas that died while the model serves on."""
+        return [i for i, m in enumerate(self.members) if not m.alive] if self.alive else []
+
+    async def restore(self, index: int, placement: Placement) -> bool:
+        """Start replica `index` again at `placement`; False if it could not (or the model was
+        stopped meanwhile)."""
+        member = self._spawn(placement, self._member_exited)
+        try:
+            await member.start()
+        except WorkerLoadError as exc:
+            log.warning(
+                "model %s: replica on %s did not start: %s",
+                member.config.model_id,
+                placement.node,
+                exc,
+            )
+            await member.stop()
+            return False
+        except BaseException:
+            await member.stop()
+            raise
+        if not (self.alive and member.alive):
+            await member.stop()
+            return False
+        self.members[index] = member
+        log.info(
+            "model %s: replica %d placed again on %s", member.config.model_id, index, placement.node
+        )
+        return True
+
     def _member_exited(self, member: ModelClient) -> None:
+        if not self.alive or member not in self.members:
+            return  # still starting, already ended, or a replacement that never joined
         living = sum(m.alive for m in self.members)
-        if not self.alive:
-            return  # still starting, or already ended
         self.router.forget(self.members.index(member))
         if living:
             log.warning(

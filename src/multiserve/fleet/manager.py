@@ -86,6 +86,7 @@ class ModelEntry:
     estimate: MemoryEstimate | None = None
     estimated_for: tuple[int, int] | None = None  # (size, mtime) of the file estimated
     loading: asyncio.Task[RunningModel] | None = None
+    restoring: asyncio.Task[None] | None = None  # placing a lost replica again
     unloading: bool = False  # unload with ?wait=true: new requests refused, in-flight finish
     yielding: bool = False  # giving its memory to a waiting model: takes no new requests
     too_large: bool = False  # needs more memory than any place has
@@ -471,6 +472,8 @@ class Fleet:
 
     async def _look_after(self, entry: ModelEntry, now: float) -> None:
         client = entry.client
+        if client is not None and client.alive and entry.restoring is None and client.lost():
+            entry.restoring = asyncio.create_task(self._restore(entry, client))
         if client is not None and client.alive:
             silent = client.stalled(entry.spec.stall_timeout)
             if silent is not None:
@@ -491,6 +494,31 @@ class Fleet:
         ):
             log.info("unloading %s after %.0fs idle", entry.spec.id, ttl)
             await self._stop_worker(entry)
+
+    async def _restore(self, entry: ModelEntry, client: RunningModel) -> None:
+        """Place one lost replica again, on a node none of the others is on (no room now: the
+        next watch tries again)."""
+        try:
+            async with self._memory_lock:
+                lost, res = client.lost(), entry.reservation
+                if not lost or res is None or entry.client is not client:
+                    return
+                living = [p for i, p in enumerate(res.placements) if i not in lost]
+                held = self.held([e for e in self.entries.values() if e is not entry])
+                held.append(Reservation(tuple(living), res.memory, res.threads))
+                one = entry.spec.model_copy(update={"replicas": 1, "threads": res.threads})
+                avoid = frozenset(p.node_id for p in living)
+                spot = self.backend.place(one, res.memory, held, avoid)
+                if spot is None:
+                    return
+                places = list(res.placements)
+                places[lost[0]] = spot.placements[0]
+                entry.reservation = Reservation(tuple(places), res.memory, res.threads)
+            await client.restore(lost[0], spot.placements[0])
+        except Exception:  # the next watch tries again
+            log.exception("model %s: placing a lost replica again failed", entry.spec.id)
+        finally:
+            entry.restoring = None
 
     def _on_worker_exit(self, client: RunningModel) -> None:
         for entry in self.entries.values():
