@@ -22,7 +22,6 @@ from multiserve.engine.protocol import (
     Cancel,
     Embed,
     Generate,
-    LoadFailed,
     ModelInfo,
     WorkerConfig,
     WorkerReady,
@@ -62,11 +61,7 @@ class LocalWorkerClient(ModelClient):
                 worker.conn, loop, self._dispatch, self._ended, worker.exit_code
             )
             return reply.info
-        if isinstance(reply, LoadFailed):
-            raise WorkerLoadError(reply.message)
-        raise WorkerLoadError(
-            f"model worker exited while loading (exit code {worker.process.exitcode})"
-        )
+        raise WorkerLoadError(reply.message)
 
     def _send(self, message: Generate | Embed | Cancel) -> None:
         self._link.send(message)
@@ -77,10 +72,7 @@ class LocalWorkerClient(ModelClient):
             self._worker.process.kill()
 
     def rss_bytes(self) -> int | None:
-        try:
-            return psutil.Process(self.pid).memory_info().rss if self.pid else None
-        except psutil.Error:
-            return None
+        return self._worker.rss() if self._worker is not None and self.alive else None
 
     async def stop(self) -> None:
         if self._worker is not None:

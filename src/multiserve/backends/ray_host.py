@@ -16,8 +16,6 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import psutil
-
 from multiserve.backends.worker_process import STOP_GRACE_SECONDS, WorkerProcess
 from multiserve.engine.protocol import LoadFailed, WorkerConfig, WorkerReady
 
@@ -91,9 +89,6 @@ class ModelHost:
         key = os.urandom(32)
         self._worker = WorkerProcess(lease=None, nice=self._nice)
         reply = await self._worker.load(config, listen=(ray.util.get_node_ip_address(), key))
-        if reply is None:
-            exitcode = self._worker.process.exitcode
-            reply = LoadFailed(f"model worker exited while loading (exit code {exitcode})")
         return reply, key
 
     async def status(self) -> AsyncIterator[HostStatus | WorkerEnded]:
@@ -119,9 +114,4 @@ class ModelHost:
         return HostInfo(self._model_id, node_name(), pid, self._rss(), self._owner)
 
     def _rss(self) -> int | None:
-        if self._worker is None:
-            return None
-        try:
-            return psutil.Process(self._worker.process.pid).memory_info().rss
-        except psutil.Error:
-            return None
+        return self._worker.rss() if self._worker is not None else None

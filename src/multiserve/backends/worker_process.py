@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+import psutil
+
 from multiserve.engine.lease import ComputeLease
 from multiserve.engine.protocol import (
     Load,
@@ -122,8 +124,8 @@ class WorkerProcess:
 
     async def load(
         self, config: WorkerConfig, listen: tuple[str, bytes] | None = None
-    ) -> WorkerReady | LoadFailed | None:
-        """Send `Load` and wait for the answer; None if the worker exited instead."""
+    ) -> WorkerReady | LoadFailed:
+        """Send `Load` and wait for the answer (LoadFailed too if the worker exited instead)."""
         loop = asyncio.get_running_loop()
         try:
             self.conn.send(Load(config, listen))
@@ -133,7 +135,17 @@ class WorkerProcess:
             reply = await loop.run_in_executor(None, self._first_reply)
         if not isinstance(reply, WorkerReady):
             await loop.run_in_executor(None, self.process.join, STOP_GRACE_SECONDS)
+        if reply is None:
+            exitcode = self.process.exitcode
+            reply = LoadFailed(f"model worker exited while loading (exit code {exitcode})")
         return reply
+
+    def rss(self) -> int | None:
+        """Resident memory of the worker as the OS measures it; None once it is gone."""
+        try:
+            return psutil.Process(self.process.pid).memory_info().rss
+        except psutil.Error:
+            return None
 
     def exit_code(self) -> int | None:
         """Wait for the process to end; its exit code."""
